@@ -1,0 +1,1 @@
+"""FlashPortrait core: the method in plain PyTorch, independent of any host application."""
