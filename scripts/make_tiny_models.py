@@ -1,0 +1,197 @@
+"""Write random-weight, format-faithful FlashPortrait checkpoints at tiny widths.
+
+Every file carries the published key names, tensor layouts and containers (safetensors, or a torch pickle
+nested under ``state_dict`` like the published ``transformer.pt``), so the pack's loaders, ComfyUI's model
+detection and the sampler run exactly the code paths of the real 14B files. Only the widths are small.
+The PD-FGC expression encoder is written at its real size (9M parameters).
+
+The output folder is laid out like ComfyUI's ``models/``::
+
+    diffusion_models/wan2.1_i2v_tiny.safetensors      base Wan 2.1 I2V DiT (no emotion projections)
+    flashportrait/transformer_tiny.pt                 FlashPortrait DiT overlay, torch pickle under "state_dict"
+    flashportrait/transformer_tiny.safetensors        the same overlay as safetensors
+    flashportrait/portrait_encoder_tiny.safetensors   portrait encoder (published prefixes)
+    flashportrait/pd_fpg_tiny.pth                     PD-FGC expression encoder, real architecture
+    vae/wan_2.1_vae_tiny.safetensors                  narrow Wan 2.1 VAE
+    flashportrait_conditioning/tiny_prompt.safetensors  precomputed text + CLIP-vision conditioning
+
+Usage: python scripts/make_tiny_models.py --out .models/tiny
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from flashportrait_core.conditioning_file import save_conditioning_file  # noqa: E402
+from flashportrait_core.expression.pdfgc import random_fan_encoder_state_dict  # noqa: E402
+from flashportrait_core.portrait_encoder import random_portrait_encoder_state_dict  # noqa: E402
+
+# Widths of the tiny models. ComfyUI derives the head count as dim // 128, so 128 is the narrowest DiT.
+DIT_DIM = 128
+DIT_FFN_DIM = 256
+DIT_BLOCKS = 2
+TEXT_DIM = 4096  # umT5-XXL width; fixed by the real text encoder
+CLIP_DIM = 1280  # ViT-H/14 penultimate width; fixed by the real CLIP vision model
+CLIP_TOKENS = 257
+FREQ_DIM = 256
+LATENT_CHANNELS = 16
+I2V_IN_DIM = 36  # 16 noise + 4 mask + 16 reference latent channels
+EMOTION_TOKEN_DIM = 64  # output width of the tiny portrait encoder (2048 in the published one)
+VAE_DIM = 16
+
+
+def _linear(sd: dict, name: str, out_dim: int, in_dim: int, gen: torch.Generator, bias: bool = True) -> None:
+    sd[f"{name}.weight"] = torch.randn(out_dim, in_dim, generator=gen) / math.sqrt(in_dim)
+    if bias:
+        sd[f"{name}.bias"] = torch.randn(out_dim, generator=gen) * 0.02
+
+
+def wan_i2v_dit_state_dict(seed: int, dim: int = DIT_DIM, ffn_dim: int = DIT_FFN_DIM,
+                           num_blocks: int = DIT_BLOCKS) -> dict[str, torch.Tensor]:
+    """A Wan 2.1 I2V DiT with the published key names (as in the official Wan checkpoints)."""
+    gen = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    sd["patch_embedding.weight"] = torch.randn(dim, I2V_IN_DIM, 1, 2, 2, generator=gen) / math.sqrt(I2V_IN_DIM * 4)
+    sd["patch_embedding.bias"] = torch.zeros(dim)
+    _linear(sd, "text_embedding.0", dim, TEXT_DIM, gen)
+    _linear(sd, "text_embedding.2", dim, dim, gen)
+    _linear(sd, "time_embedding.0", dim, FREQ_DIM, gen)
+    _linear(sd, "time_embedding.2", dim, dim, gen)
+    _linear(sd, "time_projection.1", dim * 6, dim, gen)
+    for i in range(num_blocks):
+        p = f"blocks.{i}"
+        for attn in ("self_attn", "cross_attn"):
+            for proj in ("q", "k", "v", "o"):
+                _linear(sd, f"{p}.{attn}.{proj}", dim, dim, gen)
+            sd[f"{p}.{attn}.norm_q.weight"] = torch.ones(dim)
+            sd[f"{p}.{attn}.norm_k.weight"] = torch.ones(dim)
+        _linear(sd, f"{p}.cross_attn.k_img", dim, dim, gen)
+        _linear(sd, f"{p}.cross_attn.v_img", dim, dim, gen)
+        sd[f"{p}.cross_attn.norm_k_img.weight"] = torch.ones(dim)
+        sd[f"{p}.norm3.weight"] = torch.ones(dim)
+        sd[f"{p}.norm3.bias"] = torch.zeros(dim)
+        _linear(sd, f"{p}.ffn.0", ffn_dim, dim, gen)
+        _linear(sd, f"{p}.ffn.2", dim, ffn_dim, gen)
+        sd[f"{p}.modulation"] = torch.randn(1, 6, dim, generator=gen) / math.sqrt(dim)
+    _linear(sd, "head.head", LATENT_CHANNELS * 4, dim, gen)
+    sd["head.modulation"] = torch.randn(1, 2, dim, generator=gen) / math.sqrt(dim)
+    sd["img_emb.proj.0.weight"] = torch.ones(CLIP_DIM)
+    sd["img_emb.proj.0.bias"] = torch.zeros(CLIP_DIM)
+    _linear(sd, "img_emb.proj.1", CLIP_DIM, CLIP_DIM, gen)
+    _linear(sd, "img_emb.proj.3", dim, CLIP_DIM, gen)
+    sd["img_emb.proj.4.weight"] = torch.ones(dim)
+    sd["img_emb.proj.4.bias"] = torch.zeros(dim)
+    return sd
+
+
+def flashportrait_overlay_state_dict(seed: int, base: dict[str, torch.Tensor],
+                                     token_dim: int = EMOTION_TOKEN_DIM) -> dict[str, torch.Tensor]:
+    """The published overlay: fine-tuned attention weights plus per-block emotion projections.
+
+    Attention weights are re-drawn (they differ from the base like a fine-tune does); FFN, embeddings and
+    head are absent, so loading must take them from the base model.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    overlay = {k: v + 0.05 * torch.randn(v.shape, generator=gen) * v.std().clamp_min(1e-3)
+               for k, v in base.items() if ".self_attn." in k or ".cross_attn." in k}
+    dim = base["head.modulation"].shape[-1]
+    num_blocks = len({k.split(".")[1] for k in base if k.startswith("blocks.")})
+    for i in range(num_blocks):
+        for name in ("emo_k_proj", "emo_v_proj"):
+            overlay[f"blocks.{i}.cross_attn.{name}.weight"] = (
+                torch.randn(dim, token_dim, generator=gen) / math.sqrt(token_dim))
+    return overlay
+
+
+def wan_vae_state_dict(seed: int, dim: int = VAE_DIM) -> dict[str, torch.Tensor]:
+    """A narrow Wan 2.1 VAE. Key names come from the host's own Wan VAE module, which loads the real file."""
+    from comfy.ldm.wan.vae import WanVAE  # the host's module defines the published layout
+
+    torch.manual_seed(seed)
+    model = WanVAE(dim=dim, z_dim=LATENT_CHANNELS, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                   attn_scales=[], temperal_downsample=[False, True, True], dropout=0.0)
+    sd = {}
+    gen = torch.Generator().manual_seed(seed)
+    for key, value in model.state_dict().items():
+        if key.endswith("gamma"):
+            sd[key] = torch.ones_like(value)
+        elif key.endswith("bias"):
+            sd[key] = torch.zeros_like(value)
+        else:
+            fan_in = max(1, value[0].numel())
+            sd[key] = torch.randn(value.shape, generator=gen) / math.sqrt(fan_in)
+    return sd
+
+
+def conditioning_tensors(seed: int, text_tokens: int = 16) -> dict[str, torch.Tensor]:
+    """Stand-ins for umT5 prompt embeddings and CLIP ViT-H penultimate states, at the real widths."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "positive": torch.randn(1, text_tokens, TEXT_DIM, generator=gen),
+        "negative": torch.randn(1, text_tokens, TEXT_DIM, generator=gen),
+        "clip_vision_penultimate": torch.randn(1, CLIP_TOKENS, CLIP_DIM, generator=gen),
+    }
+
+
+def _ensure_host_importable() -> None:
+    try:
+        import comfy  # noqa: F401
+        return
+    except ImportError:
+        pass
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import host
+
+    sys.path.insert(0, str(host.comfyui_path()))
+
+
+def write_tiny_models(out_dir: Path, seed: int = 0) -> dict[str, Path]:
+    """Write every tiny checkpoint under ``out_dir``; returns the written paths by role."""
+    _ensure_host_importable()
+    out_dir = Path(out_dir)
+    paths = {
+        "wan": out_dir / "diffusion_models" / "wan2.1_i2v_tiny.safetensors",
+        "transformer_pt": out_dir / "flashportrait" / "transformer_tiny.pt",
+        "transformer_safetensors": out_dir / "flashportrait" / "transformer_tiny.safetensors",
+        "portrait_encoder": out_dir / "flashportrait" / "portrait_encoder_tiny.safetensors",
+        "pd_fgc": out_dir / "flashportrait" / "pd_fpg_tiny.pth",
+        "vae": out_dir / "vae" / "wan_2.1_vae_tiny.safetensors",
+        "conditioning": out_dir / "flashportrait_conditioning" / "tiny_prompt.safetensors",
+    }
+    for path in paths.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    base = wan_i2v_dit_state_dict(seed)
+    save_file(base, str(paths["wan"]))
+    overlay = flashportrait_overlay_state_dict(seed + 1, base)
+    torch.save({"state_dict": overlay}, paths["transformer_pt"])
+    save_file(overlay, str(paths["transformer_safetensors"]))
+    save_file(random_portrait_encoder_state_dict(seed + 2, output_dim=EMOTION_TOKEN_DIM),
+              str(paths["portrait_encoder"]))
+    torch.save(random_fan_encoder_state_dict(seed + 3), paths["pd_fgc"])
+    save_file(wan_vae_state_dict(seed + 4), str(paths["vae"]))
+    tensors = conditioning_tensors(seed + 5)
+    save_conditioning_file(paths["conditioning"], positive=tensors["positive"], negative=tensors["negative"],
+                           clip_vision_penultimate=tensors["clip_vision_penultimate"])
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / ".models" / "tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    for role, path in write_tiny_models(args.out, args.seed).items():
+        print(f"{role:24s} {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
