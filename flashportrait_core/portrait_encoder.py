@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-#: Sizes of the four parts of a frame's expression features, in the order they are concatenated.
+#: Names of the four parts of a frame's expression features, in the order they are concatenated.
 FEATURE_PARTS: tuple[str, ...] = ("headpose", "eye", "emo", "mouth")
 #: Width of one attention head assumed when reading head counts from weights (the published value).
 DEFAULT_DIM_HEAD = 64
