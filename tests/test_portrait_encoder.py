@@ -34,7 +34,7 @@ def test_published_key_names(state_dict):
     expected_proj = {f"proj_model.{p}_proj.weight" for p in ("headpose", "eye", "emo", "mouth")}
     expected_proj |= {"proj_model.norm.weight", "proj_model.norm.bias"}
     assert {k for k in state_dict if k.startswith("proj_model.")} == expected_proj
-    for prefix in ("mouth_proj_model.", "emo_proj_model.", ):
+    for prefix in ("mouth_proj_model.", "emo_proj_model."):
         keys = {k[len(prefix):] for k in state_dict if k.startswith(prefix)}
         expected = {"latents", "proj_in.weight", "proj_in.bias", "proj_out.weight", "proj_out.bias",
                     "norm_out.weight", "norm_out.bias"}
