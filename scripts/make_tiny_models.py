@@ -29,10 +29,12 @@ from safetensors.torch import save_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 from flashportrait_core.conditioning_file import save_conditioning_file  # noqa: E402
 from flashportrait_core.expression.pdfgc import random_fan_encoder_state_dict  # noqa: E402
 from flashportrait_core.portrait_encoder import random_portrait_encoder_state_dict  # noqa: E402
+from inprocess_host import use_host_in_process  # noqa: E402
 
 # Widths of the tiny models. ComfyUI derives the head count as dim // 128, so 128 is the narrowest DiT.
 DIT_DIM = 128
@@ -141,21 +143,9 @@ def conditioning_tensors(seed: int, text_tokens: int = 16) -> dict[str, torch.Te
     }
 
 
-def _ensure_host_importable() -> None:
-    try:
-        import comfy  # noqa: F401
-        return
-    except ImportError:
-        pass
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    import host
-
-    sys.path.insert(0, str(host.comfyui_path()))
-
-
 def write_tiny_models(out_dir: Path, seed: int = 0) -> dict[str, Path]:
     """Write every tiny checkpoint under ``out_dir``; returns the written paths by role."""
-    _ensure_host_importable()
+    use_host_in_process()
     out_dir = Path(out_dir)
     paths = {
         "wan": out_dir / "diffusion_models" / "wan2.1_i2v_tiny.safetensors",

@@ -1,0 +1,33 @@
+"""ComfyUI glue: node classes over ``flashportrait_core``."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+from typing_extensions import override
+
+from .conditioning import (FlashPortraitEmotionConditioning, FlashPortraitLoadConditioning,
+                           FlashPortraitSaveConditioning)
+from .expressions import FlashPortraitExtractExpressions
+from .loaders import (FlashPortraitExpressionModelLoader, FlashPortraitModelLoader,
+                      FlashPortraitPortraitEncoderLoader)
+from .model_folders import register_model_folders
+from .sampler import FlashPortraitSampler
+from .windows import FlashPortraitWindows
+
+
+class FlashPortraitExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [
+            FlashPortraitModelLoader,
+            FlashPortraitPortraitEncoderLoader,
+            FlashPortraitExpressionModelLoader,
+            FlashPortraitExtractExpressions,
+            FlashPortraitEmotionConditioning,
+            FlashPortraitWindows,
+            FlashPortraitSampler,
+            FlashPortraitSaveConditioning,
+            FlashPortraitLoadConditioning,
+        ]
+
+
+__all__ = ["FlashPortraitExtension", "register_model_folders"]

@@ -1,0 +1,101 @@
+"""Emotion conditioning and precomputed prompt/CLIP-vision conditioning nodes."""
+from __future__ import annotations
+
+import os
+
+import comfy.clip_vision
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..flashportrait_core.conditioning_file import load_conditioning_file, save_conditioning_file
+from ..flashportrait_core.emotion_conditioning import build_emotion_conditioning
+from . import types
+from .model_folders import CONDITIONING_FOLDER, model_file
+
+
+class FlashPortraitEmotionConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlashPortraitEmotionConditioning",
+            display_name="FlashPortrait Emotion Conditioning",
+            category="FlashPortrait",
+            description="Turns expression features into emotion tokens per latent frame (driving frames are "
+                        "trimmed to 4k+1 as published) with the strength and guidance of the emotion signal.",
+            inputs=[
+                types.Expressions.Input("expressions"),
+                types.PortraitEncoder.Input("portrait_encoder"),
+                io.Float.Input("ip_scale", default=1.0, min=0.0, max=4.0, step=0.05,
+                               tooltip="Strength of the expression attention in the conditioned pass."),
+                io.Float.Input("emo_cfg", default=4.0, min=1.0, max=10.0, step=0.1,
+                               tooltip="Emotion guidance scale (published range 2-5). 1 turns it off and "
+                                       "saves one model pass per step."),
+                io.Float.Input("text_cfg", default=1.0, min=1.0, max=10.0, step=0.1,
+                               tooltip="Text guidance scale. Above 1 adds a negative-prompt pass per step."),
+            ],
+            outputs=[types.EmotionConditioning.Output(display_name="emotion")],
+        )
+
+    @classmethod
+    def execute(cls, expressions, portrait_encoder, ip_scale: float, emo_cfg: float,
+                text_cfg: float) -> io.NodeOutput:
+        return io.NodeOutput(build_emotion_conditioning(portrait_encoder, expressions.features, ip_scale,
+                                                        emo_cfg, text_cfg))
+
+
+class FlashPortraitSaveConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlashPortraitSaveConditioning",
+            display_name="FlashPortrait Save Conditioning",
+            category="FlashPortrait",
+            description="Saves encoded prompts and the reference's CLIP-vision output, so later runs can skip "
+                        "the text and CLIP-vision encoders.",
+            inputs=[
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.ClipVisionOutput.Input("clip_vision_output"),
+                io.String.Input("name", default="portrait_prompt",
+                                tooltip="File name (without extension) in models/flashportrait_conditioning."),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, positive, negative, clip_vision_output, name: str) -> io.NodeOutput:
+        if not name or os.path.basename(name) != name or name.startswith("."):
+            raise ValueError(f"name '{name}' must be a plain file name without folders")
+        folder = folder_paths.get_folder_paths(CONDITIONING_FOLDER)[0]
+        save_conditioning_file(os.path.join(folder, f"{name}.safetensors"), positive[0][0], negative[0][0],
+                               clip_vision_output.penultimate_hidden_states)
+        return io.NodeOutput()
+
+
+class FlashPortraitLoadConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlashPortraitLoadConditioning",
+            display_name="FlashPortrait Load Conditioning",
+            category="FlashPortrait",
+            description="Loads prompts and CLIP-vision output saved by FlashPortrait Save Conditioning.",
+            inputs=[
+                io.Combo.Input("conditioning", options=folder_paths.get_filename_list(CONDITIONING_FOLDER),
+                               tooltip="A file in models/flashportrait_conditioning."),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="positive"),
+                io.Conditioning.Output(display_name="negative"),
+                io.ClipVisionOutput.Output(display_name="clip_vision_output"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, conditioning: str) -> io.NodeOutput:
+        stored = load_conditioning_file(model_file(CONDITIONING_FOLDER, conditioning))
+        clip_output = comfy.clip_vision.Output()
+        clip_output["penultimate_hidden_states"] = stored.clip_vision_penultimate
+        return io.NodeOutput([[stored.positive, {}]], [[stored.negative, {}]], clip_output)

@@ -1,0 +1,58 @@
+"""The FlashPortrait sampler node: windowed flow-matching sampling of the whole video."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..flashportrait_core.windows import plan_windows
+from . import types
+from .wan_runner import generation_size, run_flashportrait_sampling
+
+
+class FlashPortraitSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlashPortraitSampler",
+            display_name="FlashPortrait Sampler",
+            category="FlashPortrait",
+            description="Animates the reference portrait with the driving expressions: flow-matching Euler over "
+                        "sliding windows, every window conditioned on the reference image as published. The "
+                        "latents include the reference as frame 0; drop the first decoded frame.",
+            inputs=[
+                io.Model.Input("model", tooltip="From FlashPortrait Model Loader (LoRAs may be applied)."),
+                io.Conditioning.Input("positive", tooltip="Encoded prompt (umT5, CLIP Text Encode)."),
+                io.Conditioning.Input("negative", tooltip="Encoded negative prompt; used when text_cfg > 1."),
+                io.ClipVisionOutput.Input("clip_vision_output",
+                                          tooltip="CLIP Vision Encode of the reference image (clip_vision_h)."),
+                io.Vae.Input("vae", tooltip="Wan 2.1 VAE, used to encode the reference image."),
+                io.Image.Input("reference_image", tooltip="The portrait to animate (first image is used)."),
+                types.EmotionConditioning.Input("emotion"),
+                types.WindowSettings.Input("windows"),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed; the same seed and settings give the same video."),
+                io.Int.Input("steps", default=30, min=1, max=200, tooltip="Denoising steps (published: 30)."),
+                io.Float.Input("shift", default=5.0, min=0.1, max=20.0, step=0.1,
+                               tooltip="Flow-matching schedule shift (published: 5 at 720p, 3 at 480p)."),
+                io.Int.Input("max_side", default=720, min=16, max=2048, step=16,
+                             tooltip="Longest side of the output; the reference is scaled to it and each side "
+                                     "rounded up to a multiple of 16."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="latent"),
+                io.String.Output(display_name="report", tooltip="Windows, DiT passes and time."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, clip_vision_output, vae, reference_image: torch.Tensor,
+                emotion, windows, seed: int, steps: int, shift: float, max_side: int) -> io.NodeOutput:
+        if reference_image.ndim != 4 or reference_image.shape[0] < 1:
+            raise ValueError(f"reference_image must be an IMAGE batch [N, H, W, C], got "
+                             f"{list(reference_image.shape)}")
+        height, width = generation_size(reference_image.shape[1], reference_image.shape[2], max_side)
+        plan = plan_windows(emotion.num_latent_frames, windows.length, windows.overlap)
+        latents, report = run_flashportrait_sampling(
+            model, vae, positive[0][0], negative[0][0], clip_vision_output, reference_image, emotion, plan,
+            seed, steps, shift, height, width)
+        return io.NodeOutput({"samples": latents}, report.text())

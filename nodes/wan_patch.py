@@ -1,0 +1,85 @@
+"""FlashPortrait's emotion attention inside ComfyUI's native Wan 2.1 model, without forking its code.
+
+The per-block emotion projections become submodules of each block's cross-attention (so ComfyUI's memory
+management, dtype casting and LoRA key mapping see them like any other weight), and the host's per-block
+replacement hook (``patches_replace["dit"][("double_block", i)]``) runs the unchanged Wan block with its
+cross-attention swapped for the NFEB one for the duration of that call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from comfy.ldm.modules.attention import optimized_attention
+
+from ..flashportrait_core.nfeb import add_normalized_emotion, frame_local_attention
+
+# Key in ``transformer_options`` under which the sampler passes a pass's emotion conditioning.
+EMOTION_OPTIONS_KEY = "flashportrait_emotion"
+
+
+@dataclass(frozen=True)
+class EmotionPass:
+    """Emotion conditioning of one model pass: tokens [B, L, M, D] for the L latent frames, and strength."""
+
+    tokens: torch.Tensor
+    ip_scale: float
+
+
+def attach_emotion_projections(diffusion_model: torch.nn.Module,
+                               projections: dict[int, dict[str, torch.Tensor]]) -> None:
+    """Add ``blocks.{i}.cross_attn.emo_{k,v}_proj`` (Linear, no bias) built with the model's own operations."""
+    for index, block in enumerate(diffusion_model.blocks):
+        cross_attn = block.cross_attn
+        linear_cls = type(cross_attn.k)  # the host's ops class: handles casting, offload, fp8 weights
+        weight_dtype = cross_attn.k.weight.dtype
+        for name in ("emo_k_proj", "emo_v_proj"):
+            weight = projections[index][name]
+            layer = linear_cls(weight.shape[1], weight.shape[0], bias=False, device="cpu", dtype=weight_dtype)
+            layer.weight = torch.nn.Parameter(weight.to(weight_dtype), requires_grad=False)
+            setattr(cross_attn, name, layer)
+
+
+def emotion_cross_attention(attn: torch.nn.Module, x: torch.Tensor, context: torch.Tensor,
+                            context_img_len: int, emotion: EmotionPass,
+                            transformer_options: dict | None = None) -> torch.Tensor:
+    """Wan I2V cross-attention (text + CLIP image) plus the normalized frame-local emotion attention."""
+    transformer_options = transformer_options or {}
+    context_img, context_text = context[:, :context_img_len], context[:, context_img_len:]
+    q = attn.norm_q(attn.q(x))
+    text = optimized_attention(q, attn.norm_k(attn.k(context_text)), attn.v(context_text),
+                               heads=attn.num_heads, transformer_options=transformer_options)
+    image = optimized_attention(q, attn.norm_k_img(attn.k_img(context_img)), attn.v_img(context_img),
+                                heads=attn.num_heads, transformer_options=transformer_options)
+    attention_sum = text + image
+    tokens = emotion.tokens.to(device=x.device, dtype=x.dtype)
+    emotion_out = frame_local_attention(q, attn.emo_k_proj(tokens), attn.emo_v_proj(tokens), attn.num_heads)
+    return attn.o(add_normalized_emotion(attention_sum, emotion_out, emotion.ip_scale))
+
+
+class EmotionBlockPatch:
+    """Replacement for one Wan block: the original block, with NFEB in its cross-attention."""
+
+    def __init__(self, block: torch.nn.Module):
+        self.block = block
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        emotion = args["transformer_options"].get(EMOTION_OPTIONS_KEY)
+        if emotion is None or emotion.ip_scale == 0:
+            return extra["original_block"](args)  # ip_scale 0 is exactly the plain Wan block
+        cross_attn = self.block.cross_attn
+
+        def forward(x, context, context_img_len, transformer_options=None, **_):
+            return emotion_cross_attention(cross_attn, x, context, context_img_len, emotion, transformer_options)
+
+        cross_attn.forward = forward  # an instance attribute shadows the class's forward for this call only
+        try:
+            return extra["original_block"](args)
+        finally:
+            del cross_attn.forward
+
+
+def patch_emotion_blocks(model_patcher) -> None:
+    """Register the NFEB replacement on every block of a ModelPatcher's Wan model."""
+    for index, block in enumerate(model_patcher.model.diffusion_model.blocks):
+        model_patcher.set_model_patch_replace(EmotionBlockPatch(block), "dit", "double_block", index)
