@@ -1,0 +1,28 @@
+"""Driving video -> per-frame PD-FGC expression features (face points, 5-point alignment, FanEncoder).
+
+MediaPipe is imported only when its backend is built (`MediaPipeFaceBackend`).
+"""
+
+from .alignment import align_face_crops, similarity_to_template, template_points, umeyama_similarity
+from .extract import ExpressionFeatures, extract_expression_features
+from .face_track import FaceBackend, FaceTrack
+from .pdfgc import FEATURE_DIM, FanEncoder, expression_features, load_fan_encoder, random_fan_encoder_state_dict
+from .video import VideoReadError, read_video_frames
+
+__all__ = [
+    "FEATURE_DIM",
+    "ExpressionFeatures",
+    "FaceBackend",
+    "FaceTrack",
+    "FanEncoder",
+    "VideoReadError",
+    "align_face_crops",
+    "expression_features",
+    "extract_expression_features",
+    "load_fan_encoder",
+    "random_fan_encoder_state_dict",
+    "read_video_frames",
+    "similarity_to_template",
+    "template_points",
+    "umeyama_similarity",
+]

@@ -1,0 +1,163 @@
+"""PD-FGC FanEncoder: published layout, loading, and features of real aligned face crops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from flashportrait_core.expression import (
+    align_face_crops,
+    expression_features,
+    load_fan_encoder,
+    random_fan_encoder_state_dict,
+    read_video_frames,
+    similarity_to_template,
+)
+from flashportrait_core.expression.extract import to_uint8
+from flashportrait_core.expression.pdfgc import FanEncoder
+
+DRIVING = Path(__file__).resolve().parents[1] / "../shared/data/driving"
+
+# Key names and shapes of the published pd_fpg.pth (FAN trunk under `model.`, four heads).
+PUBLISHED_KEYS = {
+    "model.conv1.weight": (64, 3, 7, 7),
+    "model.conv1.bias": (64,),
+    "model.bn1.running_var": (64,),
+    "model.conv2.conv1.weight": (64, 64, 3, 3),
+    "model.conv2.downsample.0.running_mean": (64,),
+    "model.conv2.downsample.2.weight": (128, 64, 1, 1),
+    "model.conv4.downsample.2.weight": (256, 128, 1, 1),
+    "model.m0.b1_4.conv1.weight": (128, 256, 3, 3),
+    "model.m0.b2_4.bn1.weight": (256,),
+    "model.m0.b2_plus_1.conv3.weight": (64, 64, 3, 3),
+    "model.m0.b3_1.bn3.running_mean": (64,),
+    "model.top_m_0.conv2.weight": (64, 128, 3, 3),
+    "model.conv_last0.weight": (256, 256, 1, 1),
+    "model.bn_end0.running_var": (256,),
+    "model.l0.weight": (68, 256, 1, 1),
+    "model.bn5.weight": (68,),
+    "model.conv6.weight": (1, 68, 3, 3),
+    "model.fc.weight": (512, 784),
+    "to_mouth.0.weight": (512, 512),
+    "to_mouth.2.running_mean": (512,),
+    "to_headpose.3.weight": (512, 512),
+    "to_eye.2.running_var": (512,),
+    "to_emo.3.bias": (512,),
+    "mouth_embed.1.weight": (500, 512),
+    "headpose_embed.1.weight": (6, 512),
+    "eye_embed.1.weight": (6, 512),
+    "emo_embed.1.weight": (30, 512),
+}
+
+
+@pytest.fixture(scope="module")
+def random_state_dict() -> dict[str, torch.Tensor]:
+    return random_fan_encoder_state_dict(seed=0)
+
+
+@pytest.fixture(scope="module")
+def real_crops() -> torch.Tensor:
+    """Four aligned 224x224 crops of a real driving video, aligned with MediaPipe points."""
+    from flashportrait_core.expression.mediapipe_backend import MediaPipeFaceBackend
+
+    frames, _ = read_video_frames(DRIVING / "lp_d0.mp4", max_frames=40)
+    frames = frames[::13][:4]  # spread over the clip: different expressions
+    with MediaPipeFaceBackend() as backend:
+        track = backend.detect(to_uint8(frames))
+    assert track.found.all()
+    return align_face_crops(frames, similarity_to_template(torch.from_numpy(track.points)))
+
+
+def test_parameter_count_matches_published_encoder() -> None:
+    encoder = FanEncoder()
+    parameters = sum(p.numel() for p in encoder.parameters())
+    state_numel = sum(t.numel() for k, t in encoder.state_dict().items() if not k.endswith("num_batches_tracked"))
+    assert parameters == 9_035_727
+    assert state_numel == pytest.approx(9.05e6, rel=0.002)  # weights + BatchNorm running statistics
+
+
+def test_published_key_names_and_shapes() -> None:
+    state = FanEncoder().state_dict()
+    for key, shape in PUBLISHED_KEYS.items():
+        assert key in state, key
+        assert tuple(state[key].shape) == shape, key
+    # Width-preserving blocks have no skip conv, and only the innermost hourglass level has `b2_plus`.
+    assert not any(k.startswith("model.conv3.downsample") for k in state)
+    assert not any(k.startswith("model.m0.b2_plus_2") for k in state)
+    assert len(state) == 387
+    hourglass_blocks = {k.split(".")[2] for k in state if k.startswith("model.m0.")}
+    assert hourglass_blocks == {f"b{p}_{lvl}" for p in (1, 2, 3) for lvl in (1, 2, 3, 4)} | {"b2_plus_1"}
+
+
+def test_intermediate_shapes(real_crops: torch.Tensor) -> None:
+    encoder = FanEncoder().eval()
+    seen: dict[str, tuple[int, ...]] = {}
+    for name in ("m0", "l0", "conv6", "fc"):
+        module = getattr(encoder.model, name)
+        module.register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, tuple(out.shape)))
+    with torch.inference_mode():
+        parts = encoder(real_crops[:1])
+    assert seen == {"m0": (1, 256, 56, 56), "l0": (1, 68, 56, 56), "conv6": (1, 1, 28, 28), "fc": (1, 512)}
+    assert {k: tuple(v.shape) for k, v in parts.items()} == {
+        "headpose": (1, 6), "eye": (1, 6), "emo": (1, 30), "mouth": (1, 512)
+    }
+
+
+def test_random_state_dict_is_deterministic_and_complete(random_state_dict: dict[str, torch.Tensor]) -> None:
+    again = random_fan_encoder_state_dict(seed=0)
+    other = random_fan_encoder_state_dict(seed=1)
+    assert again.keys() == random_state_dict.keys() == FanEncoder().state_dict().keys()
+    assert all(torch.equal(again[k], random_state_dict[k]) for k in again)
+    assert not torch.equal(other["model.fc.weight"], random_state_dict["model.fc.weight"])
+    # Running statistics were measured, not left at the 0/1 defaults.
+    assert random_state_dict["model.bn5.running_var"].min() > 0
+    assert not torch.allclose(random_state_dict["to_mouth.2.running_mean"], torch.zeros(512))
+
+
+def test_load_accepts_nested_and_rejects_foreign(random_state_dict: dict[str, torch.Tensor]) -> None:
+    encoder = load_fan_encoder({"state_dict": random_state_dict})
+    assert not encoder.training
+    assert torch.equal(encoder.model.fc.weight, random_state_dict["model.fc.weight"])
+    load_fan_encoder({"model": random_state_dict})
+    load_fan_encoder({f"module.{k}": v for k, v in random_state_dict.items()})
+    # Older saves without BatchNorm counters still load.
+    load_fan_encoder({k: v for k, v in random_state_dict.items() if not k.endswith("num_batches_tracked")})
+
+    broken = dict(random_state_dict)
+    del broken["to_emo.3.weight"]
+    broken["decoder.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"pd_fpg\.pth.*to_emo\.3\.weight.*decoder\.weight"):
+        load_fan_encoder(broken)
+    wrong = dict(random_state_dict)
+    wrong["emo_embed.1.weight"] = torch.zeros(20, 512)
+    with pytest.raises(ValueError, match="emo_embed.1.weight"):
+        load_fan_encoder(wrong)
+
+
+def test_features_of_real_crops(random_state_dict: dict[str, torch.Tensor], real_crops: torch.Tensor) -> None:
+    encoder = load_fan_encoder(random_state_dict)
+    features = expression_features(encoder, real_crops)
+    assert features.shape == (4, 554)
+    assert features.dtype == torch.float32
+    assert torch.isfinite(features).all()
+    # O(1) activations on real faces, and different frames give different features.
+    assert 0.05 < features.std().item() < 20
+    assert features.abs().max().item() < 100
+    assert (features[0] - features[3]).abs().max() > 1e-3
+    # A second run gives identical numbers, laid out headpose 6 | eye 6 | emo 30 | mouth 512 (raw `to_mouth`).
+    with torch.inference_mode():
+        parts = encoder(real_crops)
+    assert torch.equal(features, torch.cat([parts["headpose"], parts["eye"], parts["emo"], parts["mouth"]], dim=1))
+    assert torch.equal(features[:, :6], parts["headpose"])
+    assert torch.equal(features[:, 12:42], parts["emo"])
+    assert torch.equal(features[:, 42:], parts["mouth"])
+
+
+def test_expression_features_rejects_bad_crops() -> None:
+    encoder = FanEncoder().eval()
+    with pytest.raises(ValueError, match=r"\[B, 3, 224, 224\]"):
+        expression_features(encoder, torch.zeros(1, 3, 112, 112))
+    with pytest.raises(ValueError, match="floating point"):
+        expression_features(encoder, torch.zeros(1, 3, 224, 224, dtype=torch.uint8))
