@@ -1,10 +1,12 @@
-"""FlashPortrait for ComfyUI: ID-preserving, infinite-length portrait animation."""
-from .nodes import FlashPortraitExtension, register_model_folders
+"""FlashPortrait for ComfyUI: ID-preserving, infinite-length portrait animation.
 
+Importing the package has no side effects; ComfyUI calls ``comfy_entrypoint`` to register the nodes.
+"""
 WEB_DIRECTORY = "./web"
 
-register_model_folders()
 
+async def comfy_entrypoint():
+    from .nodes import FlashPortraitExtension, register_model_folders
 
-async def comfy_entrypoint() -> FlashPortraitExtension:
+    register_model_folders()
     return FlashPortraitExtension()

@@ -30,4 +30,4 @@ class FlashPortraitExtension(ComfyExtension):
         ]
 
 
-__all__ = ["FlashPortraitExtension", "register_model_folders"]
+

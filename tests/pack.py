@@ -1,6 +1,7 @@
 """Import the pack the way ComfyUI does (as a package named after its folder) for in-process tests."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -22,4 +23,5 @@ def import_pack() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     sys.modules[PACK_NAME] = module
     spec.loader.exec_module(module)
+    importlib.import_module(f"{PACK_NAME}.nodes")
     return module

@@ -1,0 +1,146 @@
+"""The loader and sampler nodes in-process, on the tiny format-faithful checkpoints."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashportrait_core.checkpoints import load_state_dict
+from flashportrait_core.emotion_conditioning import EmotionConditioning
+from flashportrait_core.windows import plan_windows
+from pack import import_pack
+
+pack = import_pack()
+import comfy.sd  # noqa: E402
+import folder_paths  # noqa: E402
+# The nodes raise the pack's own classes (the core imported as part of the pack).
+from flashportrait_pack.flashportrait_core.checkpoints import CheckpointError  # noqa: E402
+
+loaders = pack.nodes.loaders
+conditioning_nodes = pack.nodes.conditioning
+wan_runner = pack.nodes.wan_runner
+windows_node = pack.nodes.windows
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tiny_models_dir):
+    for folder in ("diffusion_models", "vae", "flashportrait", "flashportrait_conditioning"):
+        folder_paths.add_model_folder_path(folder, str(tiny_models_dir / folder))
+    pack.nodes.register_model_folders()
+    return tiny_models_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_folders):
+    return loaders.FlashPortraitModelLoader.execute("wan2.1_i2v_tiny.safetensors", "transformer_tiny.pt",
+                                                    "default").result[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tiny_folders):
+    return comfy.sd.VAE(sd=load_state_dict(tiny_folders / "vae" / "wan_2.1_vae_tiny.safetensors"))
+
+
+def test_loader_overlays_flashportrait_weights_and_attaches_emotion_projections(tiny_model, tiny_folders):
+    overlay = load_state_dict(tiny_folders / "flashportrait" / "transformer_tiny.pt")
+    base = load_state_dict(tiny_folders / "diffusion_models" / "wan2.1_i2v_tiny.safetensors")
+    dit = tiny_model.model.diffusion_model
+    assert type(tiny_model.model).__name__ == "WAN21"
+    # Attention comes from the FlashPortrait file, the FFN from the Wan base model.
+    assert torch.equal(dit.blocks[1].self_attn.q.weight, overlay["blocks.1.self_attn.q.weight"])
+    assert not torch.equal(dit.blocks[1].self_attn.q.weight, base["blocks.1.self_attn.q.weight"])
+    assert torch.equal(dit.blocks[0].ffn[0].weight, base["blocks.0.ffn.0.weight"])
+    assert torch.equal(dit.blocks[1].cross_attn.emo_v_proj.weight, overlay["blocks.1.cross_attn.emo_v_proj.weight"])
+    assert "diffusion_model.blocks.0.cross_attn.emo_k_proj.weight" in tiny_model.model.state_dict()
+    replaced = tiny_model.model_options["transformer_options"]["patches_replace"]["dit"]
+    assert set(replaced) == {("double_block", 0), ("double_block", 1)}
+
+
+def test_safetensors_overlay_loads_the_same_model(tiny_model, tiny_folders):
+    other = loaders.FlashPortraitModelLoader.execute("wan2.1_i2v_tiny.safetensors",
+                                                     "transformer_tiny.safetensors", "default").result[0]
+    mine, theirs = tiny_model.model.state_dict(), other.model.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_loader_names_the_expected_file_when_slots_are_swapped(tiny_folders):
+    with pytest.raises(CheckpointError, match="portrait_encoder_tiny.safetensors .*transformer.pt"):
+        loaders.FlashPortraitModelLoader.execute("wan2.1_i2v_tiny.safetensors", "portrait_encoder_tiny.safetensors",
+                                                 "default")
+    with pytest.raises(FileNotFoundError, match="flashportrait"):
+        loaders.FlashPortraitModelLoader.execute("wan2.1_i2v_tiny.safetensors", "missing.pt", "default")
+
+
+def _emotion(num_latent, ip_scale=1.0, emo_cfg=4.0, text_cfg=1.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return EmotionConditioning(latent_tokens=torch.randn(num_latent, 97, 64, generator=gen),
+                               num_video_frames=4 * (num_latent - 1) + 1, ip_scale=ip_scale, emo_cfg=emo_cfg,
+                               text_cfg=text_cfg)
+
+
+def _sample(model, vae, emotion, seed=7, steps=3, length=4, overlap=2):
+    positive, negative, clip_output = conditioning_nodes.FlashPortraitLoadConditioning.execute(
+        "tiny_prompt.safetensors").result
+    reference = torch.rand(1, 40, 30, 3, generator=torch.Generator().manual_seed(1))
+    plan = plan_windows(emotion.num_latent_frames, length, overlap)
+    height, width = wan_runner.generation_size(40, 30, 32)
+    return wan_runner.run_flashportrait_sampling(model, vae, positive[0][0], negative[0][0], clip_output,
+                                                 reference, emotion, plan, seed, steps, 5.0, height, width)
+
+
+class CountingModel:
+    """Counts real calls of the Wan model's apply_model, independently of the sampler's bookkeeping."""
+
+    def __init__(self, model_patcher):
+        self.calls = 0
+        self.inner = model_patcher.model
+        self.original = self.inner.apply_model
+
+    def __enter__(self):
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return self.original(*args, **kwargs)
+
+        self.inner.apply_model = counted
+        return self
+
+    def __exit__(self, *exc):
+        del self.inner.apply_model
+
+
+def test_sampler_runs_windows_and_reports_true_pass_counts(tiny_model, tiny_vae):
+    emotion = _emotion(num_latent=7)
+    with CountingModel(tiny_model) as counter:
+        latents, report = _sample(tiny_model, tiny_vae, emotion)
+    assert latents.shape == (1, 16, 7, 4, 4)  # 40x30 scaled to 32x24, width rounded up to 32
+    assert torch.isfinite(latents).all()
+    assert report.windows == [(0, 4), (2, 6), (3, 7)]
+    assert sum(report.model_passes) == counter.calls == 3 * 3 * 2  # windows x steps x (posi, no_emo)
+    assert "3 window(s)" in report.text()
+
+
+def test_sampler_is_deterministic_and_responds_to_expressions(tiny_model, tiny_vae):
+    first, _ = _sample(tiny_model, tiny_vae, _emotion(5))
+    again, _ = _sample(tiny_model, tiny_vae, _emotion(5))
+    other_face, _ = _sample(tiny_model, tiny_vae, _emotion(5, seed=1))
+    no_emotion, _ = _sample(tiny_model, tiny_vae, _emotion(5, ip_scale=0.0, emo_cfg=1.0))
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other_face)
+    assert not torch.allclose(first, no_emotion)
+
+
+def test_text_guidance_adds_the_negative_pass(tiny_model, tiny_vae):
+    with CountingModel(tiny_model) as counter:
+        _, report = _sample(tiny_model, tiny_vae, _emotion(3, text_cfg=2.0), steps=2)
+    assert counter.calls == sum(report.model_passes) == 2 * 3
+
+
+def test_generation_size_follows_the_published_rounding():
+    assert wan_runner.generation_size(512, 512, 720) == (720, 720)
+    assert wan_runner.generation_size(1080, 720, 720) == (720, 480)
+    assert wan_runner.generation_size(1000, 333, 720) == (720, 240)  # 239.76 -> 239 -> rounded up to 240
+
+
+def test_window_node_refuses_overlap_not_below_length():
+    assert windows_node.FlashPortraitWindows.validate_inputs(5, 5) != True  # noqa: E712
+    assert windows_node.FlashPortraitWindows.validate_inputs(5, 4) is True
