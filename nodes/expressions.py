@@ -26,6 +26,9 @@ class FlashPortraitExtractExpressions(io.ComfyNode):
                 types.ExpressionModel.Input("expression_model"),
                 io.Int.Input("batch_size", default=16, min=1, max=256,
                              tooltip="Faces encoded together; lower it if memory runs short."),
+                io.Int.Input("max_frames", default=0, min=0, max=1_000_000,
+                             tooltip="Use only the first N driving frames (0 = all), e.g. for a quick "
+                                     "preview of a long video."),
             ],
             outputs=[
                 types.Expressions.Output(display_name="expressions"),
@@ -34,7 +37,10 @@ class FlashPortraitExtractExpressions(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, driving_frames: torch.Tensor, expression_model, batch_size: int) -> io.NodeOutput:
+    def execute(cls, driving_frames: torch.Tensor, expression_model, batch_size: int,
+                max_frames: int = 0) -> io.NodeOutput:
+        if max_frames > 0:
+            driving_frames = driving_frames[:max_frames]
         device = comfy.model_management.get_torch_device()
         encoder = expression_model.encoder.to(device)
         progress = comfy.utils.ProgressBar(driving_frames.shape[0])

@@ -1,0 +1,125 @@
+"""Fill the shipped FlashPortrait workflow (in API form) with a user's media, models and settings.
+
+Shared by the main job (``scripts/animate.py``) and the graph tests, so the tests run exactly what users run.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BASIC_WORKFLOW = REPO_ROOT / "workflows" / "flashportrait_basic.json"
+
+# Text and CLIP-vision encoder nodes; replaced by a precomputed conditioning file when one is given.
+_ENCODER_TYPES = {"CLIPLoader", "CLIPTextEncode", "CLIPVisionLoader", "CLIPVisionEncode"}
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """File names (inside ComfyUI's model folders) that the workflow's loaders select."""
+
+    wan: str
+    transformer: str
+    portrait_encoder: str
+    expression_encoder: str
+    vae: str
+    text_encoder: str | None = None  # models/text_encoders
+    clip_vision: str | None = None  # models/clip_vision
+    precomputed_conditioning: str | None = None  # models/flashportrait_conditioning, instead of the encoders
+
+    def folders(self) -> dict[str, str]:
+        """Model folder of each file that must exist."""
+        files = {self.wan: "diffusion_models", self.transformer: "flashportrait",
+                 self.portrait_encoder: "flashportrait", self.expression_encoder: "flashportrait",
+                 self.vae: "vae"}
+        if self.precomputed_conditioning:
+            files[self.precomputed_conditioning] = "flashportrait_conditioning"
+        else:
+            files[self.text_encoder] = "text_encoders"
+            files[self.clip_vision] = "clip_vision"
+        return files
+
+
+PUBLISHED_MODELS = ModelFiles(
+    wan="wan2.1_i2v_720p_14B_bf16.safetensors", transformer="transformer.pt",
+    portrait_encoder="portrait_encoder.pt", expression_encoder="pd_fpg.pth", vae="wan_2.1_vae.safetensors",
+    text_encoder="umt5_xxl_fp8_e4m3fn_scaled.safetensors", clip_vision="clip_vision_h.safetensors")
+
+TINY_MODELS = ModelFiles(
+    wan="wan2.1_i2v_tiny.safetensors", transformer="transformer_tiny.pt",
+    portrait_encoder="portrait_encoder_tiny.safetensors", expression_encoder="pd_fpg_tiny.pth",
+    vae="wan_2.1_vae_tiny.safetensors", precomputed_conditioning="tiny_prompt.safetensors")
+
+
+@dataclass(frozen=True)
+class Settings:
+    seed: int = 42
+    steps: int = 30
+    shift: float = 5.0
+    max_side: int = 720
+    window_length: int = 51
+    window_overlap: int = 30
+    max_frames: int = 0  # 0: every driving frame
+    filename_prefix: str = "video/FlashPortrait"
+
+
+def load_ui_workflow(path: Path = BASIC_WORKFLOW) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def _node_of_type(prompt: dict, class_type: str) -> tuple[str, dict]:
+    found = [(node_id, node) for node_id, node in prompt.items() if node["class_type"] == class_type]
+    if len(found) != 1:
+        raise ValueError(f"the workflow should have exactly one {class_type} node, it has {len(found)}")
+    return found[0]
+
+
+def _prune_unused(prompt: dict, removable: set[str]) -> None:
+    """Drop nodes of the ``removable`` types that no remaining node reads from."""
+    while True:
+        used = {value[0] for node in prompt.values() for value in node["inputs"].values()
+                if isinstance(value, list) and len(value) == 2}
+        unused = [node_id for node_id, node in prompt.items()
+                  if node["class_type"] in removable and node_id not in used]
+        if not unused:
+            return
+        for node_id in unused:
+            del prompt[node_id]
+
+
+def use_precomputed_conditioning(prompt: dict, conditioning_file: str) -> None:
+    """Feed the sampler from FlashPortrait Load Conditioning instead of the text and CLIP-vision encoders."""
+    sampler_id, sampler = _node_of_type(prompt, "FlashPortraitSampler")
+    loader_id = str(max(int(node_id) for node_id in prompt if node_id.isdigit()) + 1)
+    prompt[loader_id] = {"class_type": "FlashPortraitLoadConditioning",
+                         "inputs": {"conditioning": conditioning_file},
+                         "_meta": {"title": "Precomputed prompt and CLIP-vision conditioning"}}
+    for slot, name in enumerate(("positive", "negative", "clip_vision_output")):
+        sampler["inputs"][name] = [loader_id, slot]
+    _prune_unused(prompt, _ENCODER_TYPES)
+
+
+def prepare_basic_prompt(prompt: dict, models: ModelFiles, reference_image: str, driving_video: str,
+                         settings: Settings = Settings()) -> dict:
+    """Set media, models and settings on the API form of ``workflows/flashportrait_basic.json`` (in place)."""
+    def set_inputs(class_type: str, **values) -> None:
+        _node_of_type(prompt, class_type)[1]["inputs"].update(values)
+
+    set_inputs("FlashPortraitModelLoader", wan_model=models.wan, flashportrait_weights=models.transformer)
+    set_inputs("FlashPortraitPortraitEncoderLoader", portrait_encoder=models.portrait_encoder)
+    set_inputs("FlashPortraitExpressionModelLoader", expression_encoder=models.expression_encoder)
+    set_inputs("VAELoader", vae_name=models.vae)
+    set_inputs("LoadImage", image=reference_image)
+    set_inputs("LoadVideo", file=driving_video)
+    set_inputs("FlashPortraitExtractExpressions", max_frames=settings.max_frames)
+    set_inputs("FlashPortraitWindows", window_length=settings.window_length, overlap=settings.window_overlap)
+    set_inputs("FlashPortraitSampler", seed=settings.seed, steps=settings.steps, shift=settings.shift,
+               max_side=settings.max_side)
+    set_inputs("SaveVideo", filename_prefix=settings.filename_prefix)
+    if models.precomputed_conditioning:
+        use_precomputed_conditioning(prompt, models.precomputed_conditioning)
+    else:
+        set_inputs("CLIPLoader", clip_name=models.text_encoder)
+        set_inputs("CLIPVisionLoader", clip_name=models.clip_vision)
+    return prompt
