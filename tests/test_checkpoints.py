@@ -1,0 +1,108 @@
+"""Reading checkpoints safely and recognising what they are."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from flashportrait_core.checkpoints import (CheckpointError, describe_dit, load_state_dict,
+                                            merge_flashportrait_dit, split_emotion_projections,
+                                            strip_dit_prefix)
+
+
+def _dit(blocks=2, dim=8, in_dim=36, i2v=True):
+    sd = {"head.modulation": torch.zeros(1, 2, dim), "patch_embedding.weight": torch.zeros(dim, in_dim, 1, 2, 2)}
+    for i in range(blocks):
+        sd[f"blocks.{i}.self_attn.q.weight"] = torch.full((dim, dim), float(i))
+        sd[f"blocks.{i}.ffn.0.weight"] = torch.zeros(4 * dim, dim)
+        if i2v:
+            sd[f"blocks.{i}.cross_attn.k_img.weight"] = torch.zeros(dim, dim)
+    return sd
+
+
+def _overlay(blocks=2, dim=8, token_dim=4):
+    sd = {f"blocks.{i}.self_attn.q.weight": torch.full((dim, dim), 10.0 + i) for i in range(blocks)}
+    for i in range(blocks):
+        sd[f"blocks.{i}.cross_attn.emo_k_proj.weight"] = torch.ones(dim, token_dim)
+        sd[f"blocks.{i}.cross_attn.emo_v_proj.weight"] = torch.ones(dim, token_dim) * 2
+    return sd
+
+
+class WritesMarker:
+    """A pickle payload: unpickling it would create a file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_malicious_pickle_is_refused_without_running(tmp_path):
+    marker = tmp_path / "payload_ran"
+    bad = tmp_path / "transformer.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": WritesMarker(marker)}, bad)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_state_dict(bad)
+    assert not marker.exists()
+    legacy = tmp_path / "legacy.pth"
+    with open(legacy, "wb") as handle:
+        pickle.dump(WritesMarker(marker), handle)
+    with pytest.raises(CheckpointError):
+        load_state_dict(legacy)
+    assert not marker.exists()
+
+
+def test_nested_pickle_and_safetensors_give_the_same_tensors(tmp_path):
+    sd = _overlay()
+    torch.save({"state_dict": sd}, tmp_path / "t.pt")
+    save_file(sd, str(tmp_path / "t.safetensors"))
+    a, b = load_state_dict(tmp_path / "t.pt"), load_state_dict(tmp_path / "t.safetensors")
+    assert a.keys() == b.keys() == sd.keys()
+    assert all(torch.equal(a[k], b[k]) for k in sd)
+
+
+def test_truncated_and_missing_files_name_the_file(tmp_path):
+    save_file(_overlay(), str(tmp_path / "t.safetensors"))
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.safetensors"):
+        load_state_dict(tmp_path / "cut.safetensors")
+    torch.save({"a": torch.zeros(3)}, tmp_path / "full.pt")
+    raw = (tmp_path / "full.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match="cut.pt"):
+        load_state_dict(tmp_path / "cut.pt")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_state_dict(tmp_path / "absent.pt")
+
+
+def test_prefixes_and_architecture():
+    prefixed = {f"model.diffusion_model.{k}": v for k, v in _dit().items()}
+    bare = strip_dit_prefix(prefixed)
+    assert describe_dit(bare) == {"dim": 8, "num_blocks": 2, "ffn_dim": 32, "in_dim": 36, "image_to_video": True}
+    wan, emotion = split_emotion_projections(_overlay())
+    assert set(emotion) == {0, 1} and set(emotion[0]) == {"emo_k_proj", "emo_v_proj"}
+    assert not any("emo_" in k for k in wan)
+
+
+def test_overlay_replaces_base_weights_and_returns_projections():
+    merged, emotion = merge_flashportrait_dit(_dit(), _overlay())
+    assert torch.equal(merged["blocks.1.self_attn.q.weight"], torch.full((8, 8), 11.0))
+    assert torch.equal(merged["blocks.1.ffn.0.weight"], torch.zeros(32, 8))
+    assert torch.equal(emotion[1]["emo_v_proj"], torch.ones(8, 4) * 2)
+
+
+def test_wrong_files_are_named_with_what_was_expected():
+    with pytest.raises(CheckpointError, match="text-to-video"):
+        merge_flashportrait_dit(_dit(in_dim=16, i2v=False), _overlay(), wan_name="wan_t2v.safetensors")
+    with pytest.raises(CheckpointError, match="not a FlashPortrait transformer"):
+        merge_flashportrait_dit(_dit(), _dit(), flashportrait_name="wan_again.safetensors")
+    with pytest.raises(CheckpointError, match="not a Wan DiT"):
+        merge_flashportrait_dit({"conv_in.weight": torch.zeros(1)}, _overlay(), wan_name="sdxl.safetensors")
+    with pytest.raises(CheckpointError, match="3 blocks"):
+        merge_flashportrait_dit(_dit(blocks=3), _overlay(blocks=2))
+    with pytest.raises(CheckpointError, match="do not fit"):
+        merge_flashportrait_dit(_dit(dim=16), _overlay(dim=8))
