@@ -275,7 +275,9 @@ def test_converted_workflow_runs_and_saves_the_inverted_image(comfy_server, comf
     assert [(f["filename"], f["type"]) for f in files] == [("client_invert_00001_.png", "output")]
     pixels = np.asarray(Image.open(comfy_server.output_dir / files[0]["filename"]).convert("RGB"))
     assert pixels.shape == (4, 8, 3)
-    assert (pixels == np.array([0xFF - 0x33, 0xFF - 0x66, 0xFF - 0x99], dtype=np.uint8)).all()
+    inverted = np.array([0xFF - 0x33, 0xFF - 0x66, 0xFF - 0x99])
+    # SaveImage truncates 255 * value to uint8, so a channel may land one below.
+    assert (np.abs(pixels.astype(int) - inverted) <= 1).all(), pixels[0, 0]
 
 
 def test_rejected_prompt_reports_node_errors(comfy_server, comfy_object_info):
