@@ -24,8 +24,9 @@ class FlashPortraitEmotionConditioning(io.ComfyNode):
             description="Turns expression features into emotion tokens per latent frame (driving frames are "
                         "trimmed to 4k+1 as published) with the strength and guidance of the emotion signal.",
             inputs=[
-                types.Expressions.Input("expressions"),
-                types.PortraitEncoder.Input("portrait_encoder"),
+                types.Expressions.Input("expressions", tooltip="From FlashPortrait Extract Expressions."),
+                types.PortraitEncoder.Input("portrait_encoder",
+                                          tooltip="From FlashPortrait Portrait Encoder Loader."),
                 io.Float.Input("ip_scale", default=1.0, min=0.0, max=4.0, step=0.05,
                                tooltip="Strength of the expression attention in the conditioned pass."),
                 io.Float.Input("emo_cfg", default=4.0, min=1.0, max=10.0, step=0.1,
@@ -54,9 +55,10 @@ class FlashPortraitSaveConditioning(io.ComfyNode):
             description="Saves encoded prompts and the reference's CLIP-vision output, so later runs can skip "
                         "the text and CLIP-vision encoders.",
             inputs=[
-                io.Conditioning.Input("positive"),
-                io.Conditioning.Input("negative"),
-                io.ClipVisionOutput.Input("clip_vision_output"),
+                io.Conditioning.Input("positive", tooltip="Encoded prompt to keep."),
+                io.Conditioning.Input("negative", tooltip="Encoded negative prompt to keep."),
+                io.ClipVisionOutput.Input("clip_vision_output",
+                                          tooltip="CLIP Vision Encode output of the reference image."),
                 io.String.Input("name", default="portrait_prompt",
                                 tooltip="File name (without extension) in models/flashportrait_conditioning."),
             ],

@@ -23,7 +23,7 @@ class FlashPortraitExtractExpressions(io.ComfyNode):
             inputs=[
                 io.Image.Input("driving_frames", tooltip="Frames of the driving video (e.g. from Load Video "
                                                          "+ Get Video Components)."),
-                types.ExpressionModel.Input("expression_model"),
+                types.ExpressionModel.Input("expression_model", tooltip="From FlashPortrait Expression Model Loader."),
                 io.Int.Input("batch_size", default=16, min=1, max=256,
                              tooltip="Faces encoded together; lower it if memory runs short."),
                 io.Int.Input("max_frames", default=0, min=0, max=1_000_000,

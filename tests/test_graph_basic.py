@@ -72,3 +72,13 @@ def test_encoders_are_replaced_by_precomputed_conditioning(basic_run):
     types = {node["class_type"] for node in prompt.values()}
     assert "FlashPortraitLoadConditioning" in types
     assert not types & {"CLIPLoader", "CLIPTextEncode", "CLIPVisionLoader", "CLIPVisionEncode"}
+
+
+def test_every_pack_input_has_a_tooltip(comfy_object_info):
+    pack_nodes = {name: info for name, info in comfy_object_info.items() if name.startswith("FlashPortrait")}
+    assert len(pack_nodes) == 9
+    for name, info in pack_nodes.items():
+        assert info["category"] == "FlashPortrait"
+        for section in ("required", "optional"):
+            for input_name, spec in (info["input"].get(section) or {}).items():
+                assert spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
