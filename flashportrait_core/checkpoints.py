@@ -48,6 +48,8 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def unwrap_state_dict(loaded: object, name: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint as saved: flat, nested under ``state_dict``/``module``/``model``, or with
+    every key under a ``module.`` prefix (saved from a DataParallel wrapper)."""
     while isinstance(loaded, dict):
         nested = next((loaded[k] for k in _NESTING_KEYS if isinstance(loaded.get(k), dict)), None)
         if nested is None or any(torch.is_tensor(v) for v in loaded.values()):
@@ -55,7 +57,10 @@ def unwrap_state_dict(loaded: object, name: str = "checkpoint") -> dict[str, tor
         loaded = nested
     if not isinstance(loaded, dict) or not any(torch.is_tensor(v) for v in loaded.values()):
         raise CheckpointError(f"{name} holds no tensors; it is not a model checkpoint")
-    return {k: v for k, v in loaded.items() if torch.is_tensor(v)}
+    tensors = {k: v for k, v in loaded.items() if torch.is_tensor(v)}
+    if all(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    return tensors
 
 
 def strip_dit_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .checkpoints import unwrap_state_dict
+
 #: Names of the four parts of a frame's expression features, in the order they are concatenated.
 FEATURE_PARTS: tuple[str, ...] = ("headpose", "eye", "emo", "mouth")
 #: Width of one attention head assumed when reading head counts from weights (the published value).
@@ -240,14 +242,6 @@ def heads_from_inner_dim(inner_dim: int, dim_head: int = DEFAULT_DIM_HEAD) -> tu
             f"attention width {inner_dim} is not a multiple of the head width {dim_head}; pass the "
             f"dim_head the weights were trained with")
     return inner_dim // dim_head, dim_head
-
-
-def unwrap_state_dict(state_dict: dict) -> dict[str, torch.Tensor]:
-    """Accept a flat state dict or one nested under ``"state_dict"``."""
-    if not isinstance(state_dict, dict):
-        raise TypeError(f"expected a state dict (mapping of names to tensors), got {type(state_dict).__name__}")
-    nested = state_dict.get("state_dict")
-    return nested if isinstance(nested, dict) else state_dict
 
 
 def _tensor(state_dict: dict[str, torch.Tensor], key: str) -> torch.Tensor:

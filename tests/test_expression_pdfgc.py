@@ -124,6 +124,9 @@ def test_load_accepts_nested_and_rejects_foreign(random_state_dict: dict[str, to
     load_fan_encoder({f"module.{k}": v for k, v in random_state_dict.items()})
     # Older saves without BatchNorm counters still load.
     load_fan_encoder({k: v for k, v in random_state_dict.items() if not k.endswith("num_batches_tracked")})
+    # A complete encoder saved with extra entries loads, as with the published non-strict loader.
+    superset = load_fan_encoder({**random_state_dict, "training_step": torch.zeros(1)})
+    assert torch.equal(superset.model.fc.weight, random_state_dict["model.fc.weight"])
 
     broken = dict(random_state_dict)
     del broken["to_emo.3.weight"]

@@ -7,11 +7,14 @@ driving frame. Parameter and buffer names follow the published checkpoint exactl
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..checkpoints import unwrap_state_dict
 
 CROP_SIZE = 224
 HEADPOSE_DIM = 6
@@ -181,31 +184,23 @@ def expression_features(encoder: FanEncoder, crops: torch.Tensor) -> torch.Tenso
         return torch.cat([parts["headpose"], parts["eye"], parts["emo"], parts["mouth"]], dim=1)
 
 
-def _unwrap_state_dict(state_dict: Mapping[str, object]) -> Mapping[str, object]:
-    """Accept the checkpoint as saved: plain, nested under `state_dict`/`model`, or with a `module.` prefix."""
-    for container in ("state_dict", "model"):
-        inner = state_dict.get(container) if isinstance(state_dict, Mapping) else None
-        # `model` is also the trunk prefix, so only descend when it is itself a mapping of tensors.
-        if isinstance(inner, Mapping) and not isinstance(inner, torch.Tensor):
-            return _unwrap_state_dict(inner)
-    keys = list(state_dict.keys())
-    if keys and all(key.startswith("module.") for key in keys):
-        return {key[len("module."):]: value for key, value in state_dict.items()}
-    return state_dict
-
-
 def load_fan_encoder(state_dict: Mapping[str, object]) -> FanEncoder:
     """Build a `FanEncoder` in eval mode from the `pd_fpg.pth` state dict, checking every key strictly."""
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of tensors (the contents of {CHECKPOINT_FILE}), "
                         f"got {type(state_dict).__name__}")
-    weights = dict(_unwrap_state_dict(state_dict))
+    weights = unwrap_state_dict(dict(state_dict), CHECKPOINT_FILE)
     encoder = FanEncoder()
     expected = encoder.state_dict()
     # BatchNorm counters are bookkeeping only; older saves lack them and they never change the output.
     missing = [k for k in expected if k not in weights and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in weights if k not in expected]
-    if missing or unexpected:
+    if unexpected and not missing:
+        # The published loader is non-strict: a complete encoder saved with extra entries still loads.
+        logging.getLogger(__name__).warning("%s: ignoring %d keys that are not part of the encoder: %s",
+                                            CHECKPOINT_FILE, len(unexpected), unexpected[:5])
+        weights = {k: v for k, v in weights.items() if k in expected}
+    elif missing:
         raise ValueError(
             f"not a PD-FGC expression encoder checkpoint (expected {CHECKPOINT_FILE} from FrancisRing/FlashPortrait): "
             f"{len(missing)} missing keys (e.g. {missing[:5]}), {len(unexpected)} unexpected keys "
