@@ -45,11 +45,17 @@ def test_loader_overlays_flashportrait_weights_and_attaches_emotion_projections(
     base = load_state_dict(tiny_folders / "diffusion_models" / "wan2.1_i2v_tiny.safetensors")
     dit = tiny_model.model.diffusion_model
     assert type(tiny_model.model).__name__ == "WAN21"
+    stored = dit.blocks[1].self_attn.q.weight.dtype  # ComfyUI picks the storage dtype (fp16/bf16 on a GPU)
+
+    def same(weight, expected):
+        return torch.equal(weight.cpu(), expected.to(stored))
+
     # Attention comes from the FlashPortrait file, the FFN from the Wan base model.
-    assert torch.equal(dit.blocks[1].self_attn.q.weight, overlay["blocks.1.self_attn.q.weight"])
-    assert not torch.equal(dit.blocks[1].self_attn.q.weight, base["blocks.1.self_attn.q.weight"])
-    assert torch.equal(dit.blocks[0].ffn[0].weight, base["blocks.0.ffn.0.weight"])
-    assert torch.equal(dit.blocks[1].cross_attn.emo_v_proj.weight, overlay["blocks.1.cross_attn.emo_v_proj.weight"])
+    assert same(dit.blocks[1].self_attn.q.weight, overlay["blocks.1.self_attn.q.weight"])
+    assert not same(dit.blocks[1].self_attn.q.weight, base["blocks.1.self_attn.q.weight"])
+    assert same(dit.blocks[0].ffn[0].weight, base["blocks.0.ffn.0.weight"])
+    assert same(dit.blocks[1].cross_attn.emo_v_proj.weight, overlay["blocks.1.cross_attn.emo_v_proj.weight"])
+    assert dit.blocks[1].cross_attn.emo_v_proj.weight.dtype == stored
     assert "diffusion_model.blocks.0.cross_attn.emo_k_proj.weight" in tiny_model.model.state_dict()
     replaced = tiny_model.model_options["transformer_options"]["patches_replace"]["dit"]
     assert set(replaced) == {("double_block", 0), ("double_block", 1)}
