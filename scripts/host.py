@@ -369,7 +369,7 @@ class ServerHandle:
         return _tail(self.log_path, lines)
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        """Ask the server to exit (SIGINT: ComfyUI cleans up its temp folder), then insist.
+        """Ask the server's process group to exit (SIGINT: ComfyUI cleans up its temp folder), then insist.
 
         Returns the exit code. Safe to call more than once.
         """
@@ -382,9 +382,6 @@ class ServerHandle:
                     break
                 except subprocess.TimeoutExpired:
                     continue
-        # Children the server started (if any) go with its process group.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
@@ -494,6 +491,10 @@ def start_server(models_dir: os.PathLike | str,
 # CLI
 # ----------------------------------------------------------------------------------------------------
 
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def _main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -517,6 +518,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
             print(comfy_dir)
             return 0 if (comfy_dir / "main.py").is_file() else 1
         elif args.command == "start":
+            # Stop the server on SIGTERM too, and on SIGINT even where a shell started us with it ignored.
+            signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+            signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
             provision(log=log)
             with start_server(args.models, args.input, args.output, port=args.port,
                               python=args.python) as server:
