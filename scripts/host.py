@@ -388,7 +388,7 @@ class ServerHandle:
         return self.process.returncode
 
 
-def _wait_until_ready(handle: ServerHandle, timeout: float) -> None:
+def _wait_until_ready(handle: ServerHandle, timeout: float, expected_arg: str) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if handle.process.poll() is not None:
@@ -396,9 +396,11 @@ def _wait_until_ready(handle: ServerHandle, timeout: float) -> None:
                 f"ComfyUI exited with code {handle.process.returncode} before answering "
                 f"{handle.url}/system_stats; log {handle.log_path}:\n{handle.log_tail()}")
         try:
-            _get_json(f"{handle.url}/system_stats", timeout=2.0)
-            return
-        except (urllib.error.URLError, ConnectionError, OSError, ValueError):
+            stats = _get_json(f"{handle.url}/system_stats", timeout=2.0)
+            # Another server may have taken the port between free_port() and our bind: check it is ours.
+            if expected_arg in (stats.get("system") or {}).get("argv", []):
+                return
+        except (urllib.error.URLError, ConnectionError, OSError, ValueError, AttributeError):
             pass
         if time.monotonic() > deadline:
             handle.stop()
@@ -477,7 +479,7 @@ def start_server(models_dir: os.PathLike | str,
                               temp_dir=folders["temp"] / "temp", _log_handle=log_handle)
         atexit.register(handle.stop)
         try:
-            _wait_until_ready(handle, startup_timeout)
+            _wait_until_ready(handle, startup_timeout, str(paths_yaml))
             return handle
         except ServerStartError:
             handle.stop()
