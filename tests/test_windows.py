@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flashportrait_core.windows import blend_weights, plan_windows
 
@@ -48,3 +50,24 @@ def test_first_step_overwrites_instead_of_blending():
 def test_bad_settings_are_refused_with_the_fix(length, overlap):
     with pytest.raises(ValueError, match="window"):
         plan_windows(20, length, overlap)
+
+
+@settings(max_examples=300, deadline=None)
+@given(num_frames=st.integers(1, 400), length=st.integers(1, 80), overlap_fraction=st.floats(0, 0.99))
+def test_any_valid_plan_covers_every_frame_and_blends_to_one(num_frames, length, overlap_fraction):
+    overlap = min(length - 1, int(overlap_fraction * length))
+    plan = plan_windows(num_frames, length, overlap)
+    assert plan.windows[0][0] == 0 and plan.windows[-1][1] == num_frames
+    for start, end in plan.windows:
+        assert 0 <= start < end <= num_frames
+        assert end - start == min(length, num_frames)  # every window has the full length
+    starts = [s for s, _ in plan.windows]
+    assert starts == sorted(set(starts))
+    for (_, prev_end), (start, _) in zip(plan.windows, plan.windows[1:]):
+        assert start <= prev_end  # no gap between consecutive windows
+    for crossfade in (True, False):
+        weights = blend_weights(plan, crossfade)
+        assert torch.allclose(weights.sum(0), torch.ones(num_frames, dtype=torch.float64))
+        assert (weights >= 0).all()
+        for k, (start, end) in enumerate(plan.windows):  # no weight outside a window
+            assert weights[k, :start].abs().sum() == 0 and weights[k, end:].abs().sum() == 0
