@@ -1,6 +1,7 @@
 """Reading and checking the published checkpoints without running any code from them."""
 from __future__ import annotations
 
+import hashlib
 import pickle
 import re
 import zipfile
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 _NESTING_KEYS = ("state_dict", "module", "model")
 # Prefixes under which tools save a Wan DiT: ComfyUI checkpoints, diffusers-style wrappers, DDP.
@@ -115,18 +116,19 @@ def merge_flashportrait_dit(wan_base: dict[str, torch.Tensor], flashportrait: di
     base, _ = split_emotion_projections(strip_dit_prefix(wan_base))
     try:
         base_arch = describe_dit(base)
-    except CheckpointError as error:
-        raise CheckpointError(f"{wan_name} is {error}. Select the Wan 2.1 I2V 14B diffusion model "
-                              f"(e.g. wan2.1_i2v_720p_14B_bf16.safetensors) from models/diffusion_models") from None
+    except CheckpointError:
+        raise CheckpointError(f"{wan_name} is {identify_checkpoint(wan_base)}, not a Wan DiT. Select the Wan 2.1 "
+                              f"I2V 14B diffusion model (e.g. wan2.1_i2v_720p_14B_bf16.safetensors) from "
+                              f"models/diffusion_models") from None
     if not base_arch["image_to_video"] or base_arch["in_dim"] != 36:
         raise CheckpointError(f"{wan_name} is a Wan text-to-video (or other) model (in_dim "
                               f"{base_arch['in_dim']}, image attention {base_arch['image_to_video']}); "
                               f"FlashPortrait needs the Wan 2.1 image-to-video model (in_dim 36)")
     overlay, emotion = split_emotion_projections(strip_dit_prefix(flashportrait))
     if not emotion:
-        raise CheckpointError(f"{flashportrait_name} hold no 'blocks.N.cross_attn.emo_k_proj.weight' keys: not a "
-                              f"FlashPortrait transformer. Select FlashPortrait's transformer.pt from "
-                              f"models/flashportrait")
+        raise CheckpointError(f"{flashportrait_name} is {identify_checkpoint(flashportrait)}, not a FlashPortrait "
+                              f"transformer (no 'blocks.N.cross_attn.emo_k_proj.weight' keys). Select "
+                              f"FlashPortrait's transformer.pt from models/flashportrait")
     if set(emotion) != set(range(base_arch["num_blocks"])) or any(len(p) != 2 for p in emotion.values()):
         raise CheckpointError(f"{flashportrait_name} have emotion projections for blocks {sorted(emotion)} but "
                               f"{wan_name} has {base_arch['num_blocks']} blocks; the files do not belong together")
@@ -143,3 +145,56 @@ def merge_flashportrait_dit(wan_base: dict[str, torch.Tensor], flashportrait: di
     merged = dict(base)
     merged.update(overlay)
     return merged, emotion
+
+
+# What a file is, told by its keys: used to say what a wrong file in a slot actually holds.
+_KINDS = (
+    ("a FlashPortrait transformer", lambda keys: any(_EMOTION_KEY.match(k) for k in keys)),
+    ("a LoRA", lambda keys: any(m in k for k in keys for m in ("lora_A", "lora_B", "lora_down", "lora_up",
+                                                                 ".diff_b", "lora.down"))),
+    ("a Wan 2.1 image-to-video DiT", lambda keys: "head.modulation" in keys and "blocks.0.cross_attn.k_img.weight" in keys),
+    ("a Wan text-to-video DiT", lambda keys: "head.modulation" in keys),
+    ("a Wan VAE", lambda keys: "decoder.middle.0.residual.0.gamma" in keys),
+    ("the FlashPortrait portrait encoder", lambda keys: any(k.startswith("mouth_proj_model.") for k in keys)),
+    ("the PD-FGC expression encoder", lambda keys: "model.conv1.weight" in keys and any(k.startswith("to_mouth.") for k in keys)),
+    ("a Stable Diffusion / SDXL UNet checkpoint", lambda keys: any(k.startswith(("input_blocks.", "conv_in.")) for k in keys)),
+)
+
+
+def identify_checkpoint(state_dict: dict[str, torch.Tensor]) -> str:
+    """A short description of what a state dict holds, e.g. "a LoRA" or "a Wan text-to-video DiT"."""
+    keys = set(strip_dit_prefix(state_dict))
+    for prefix in ("model.diffusion_model.", "first_stage_model."):
+        keys |= {k[len(prefix):] for k in state_dict if k.startswith(prefix)}
+    return next((kind for kind, matches in _KINDS if matches(keys)), "an unrecognised checkpoint")
+
+
+def file_sha256(path: str | Path, chunk_bytes: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def convert_to_safetensors(source: str | Path, target: str | Path | None = None) -> Path:
+    """Write a checkpoint's tensors as safetensors, with the source's sha256 and kind as metadata.
+
+    The source is read safely (``weights_only``); the written file is read back and compared tensor by
+    tensor before it replaces any existing file, so a failed conversion leaves nothing half-written.
+    """
+    source = Path(source)
+    target = Path(target) if target is not None else source.with_suffix(".safetensors")
+    if target.resolve() == source.resolve():
+        raise CheckpointError(f"{source.name} is already the target; choose another output name")
+    tensors = {k: v.contiguous() for k, v in load_state_dict(source).items()}
+    metadata = {"source_file": source.name, "source_sha256": file_sha256(source),
+                "architecture": identify_checkpoint(tensors), "converted_by": "flashportrait"}
+    partial = target.with_name(target.name + ".partial")
+    save_file(tensors, str(partial), metadata=metadata)
+    written = load_file(str(partial))
+    if written.keys() != tensors.keys() or any(not torch.equal(written[k], tensors[k]) for k in tensors):
+        partial.unlink()
+        raise CheckpointError(f"round trip of {source.name} to safetensors changed tensors; nothing was written")
+    partial.replace(target)
+    return target

@@ -1,15 +1,18 @@
 """Reading checkpoints safely and recognising what they are."""
 from __future__ import annotations
 
+import hashlib
 import pickle
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
-from flashportrait_core.checkpoints import (CheckpointError, describe_dit, load_state_dict,
-                                            merge_flashportrait_dit, split_emotion_projections,
-                                            strip_dit_prefix)
+from flashportrait_core.checkpoints import (CheckpointError, convert_to_safetensors, describe_dit,
+                                            identify_checkpoint, load_state_dict, merge_flashportrait_dit,
+                                            split_emotion_projections, strip_dit_prefix)
+from scripts import convert_checkpoint as convert_cli
 
 
 def _dit(blocks=2, dim=8, in_dim=36, i2v=True):
@@ -98,11 +101,47 @@ def test_overlay_replaces_base_weights_and_returns_projections():
 def test_wrong_files_are_named_with_what_was_expected():
     with pytest.raises(CheckpointError, match="text-to-video"):
         merge_flashportrait_dit(_dit(in_dim=16, i2v=False), _overlay(), wan_name="wan_t2v.safetensors")
-    with pytest.raises(CheckpointError, match="not a FlashPortrait transformer"):
-        merge_flashportrait_dit(_dit(), _dit(), flashportrait_name="wan_again.safetensors")
     with pytest.raises(CheckpointError, match="not a Wan DiT"):
         merge_flashportrait_dit({"conv_in.weight": torch.zeros(1)}, _overlay(), wan_name="sdxl.safetensors")
     with pytest.raises(CheckpointError, match="3 blocks"):
         merge_flashportrait_dit(_dit(blocks=3), _overlay(blocks=2))
     with pytest.raises(CheckpointError, match="do not fit"):
         merge_flashportrait_dit(_dit(dim=16), _overlay(dim=8))
+
+
+def test_identify_names_what_a_file_holds():
+    assert identify_checkpoint(_overlay()) == "a FlashPortrait transformer"
+    assert identify_checkpoint(_dit()) == "a Wan 2.1 image-to-video DiT"
+    assert identify_checkpoint(_dit(in_dim=16, i2v=False)) == "a Wan text-to-video DiT"
+    assert identify_checkpoint({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.zeros(1)}) == "a LoRA"
+    assert identify_checkpoint({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}).startswith(
+        "a Stable Diffusion")
+    with pytest.raises(CheckpointError, match="is a LoRA, not a Wan DiT"):
+        merge_flashportrait_dit({"blocks.0.self_attn.q.lora_A.weight": torch.zeros(1)}, _overlay(),
+                                wan_name="my_lora.safetensors")
+    with pytest.raises(CheckpointError, match="is a Wan 2.1 image-to-video DiT, not a FlashPortrait"):
+        merge_flashportrait_dit(_dit(), _dit(), flashportrait_name="wan_again.safetensors")
+
+
+def test_converter_round_trip_with_metadata(tmp_path):
+    source = tmp_path / "transformer.pt"
+    torch.save({"state_dict": _overlay()}, source)
+    target = convert_to_safetensors(source)
+    assert target == tmp_path / "transformer.safetensors"
+    converted = load_state_dict(target)
+    assert converted.keys() == _overlay().keys()
+    assert all(torch.equal(converted[k], v) for k, v in _overlay().items())
+    with safe_open(str(target), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["source_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert metadata["architecture"] == "a FlashPortrait transformer"
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_converter_cli_refuses_a_malicious_pickle(tmp_path, capsys):
+    marker = tmp_path / "payload_ran"
+    bad = tmp_path / "bad.pt"
+    torch.save({"payload": WritesMarker(marker)}, bad)
+    assert convert_cli.main([str(bad)]) == 1
+    assert "refused" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "bad.safetensors").exists()
