@@ -12,8 +12,10 @@ import pytest
 from flashportrait_core.expression import FaceTrack, read_video_frames
 from flashportrait_core.expression.extract import to_uint8
 from flashportrait_core.expression.mediapipe_backend import (
+    REACQUIRE_AFTER_FRAMES,
     MediaPipeFaceBackend,
     MediaPipeUnavailableError,
+    choose_face,
     import_mediapipe,
 )
 
@@ -92,6 +94,60 @@ def test_largest_face_wins_whatever_the_mesh_order(backend: MediaPipeFaceBackend
     landmarks = backend._largest_mesh_face(mesh, np.zeros((100, 200, 3), np.uint8))
     assert landmarks.shape == (478, 2)
     np.testing.assert_allclose(landmarks[0], [0.5 * 200, 0.2 * 100])
+
+
+def _two_face_video(count: int, small_from: int, big_from: int) -> np.ndarray:
+    """Side-by-side composite of two real driving videos on a 480x800 canvas: a small face (lp_d0 at half
+    size, 256 px, on the left) and a big one (lp_d19, 480 px, on the right), each shown from the given frame."""
+    small = _first_frames("lp_d0.mp4", count)[:, ::2, ::2]
+    big = _first_frames("lp_d19.mp4", count)
+    canvas = np.zeros((count, 480, 800, 3), dtype=np.uint8)
+    canvas[small_from:, 100:356, 20:276] = small[small_from:]
+    canvas[big_from:, :, 320:] = big[big_from:]
+    return canvas
+
+
+def test_followed_face_is_kept_when_a_bigger_one_appears(backend: MediaPipeFaceBackend) -> None:
+    # The small face is alone for 8 frames; then a bigger face appears beside it and stays.
+    track = backend.detect(_two_face_video(20, small_from=0, big_from=8))
+    assert track.found.all()
+    # Every frame's points belong to the small face on the left (x < 276), none hop to the big one.
+    assert (track.points[..., 0] < 276).all()
+    eye_distance = np.linalg.norm(track.points[:, 1] - track.points[:, 0], axis=-1)
+    assert eye_distance.max() < 1.5 * eye_distance.min()
+
+
+def test_largest_face_is_taken_at_the_start_and_kept(backend: MediaPipeFaceBackend) -> None:
+    track = backend.detect(_two_face_video(16, small_from=0, big_from=0))
+    assert track.found.all()
+    assert (track.points[..., 0] > 320).all()  # the big face on the right, every frame
+    # Chunked: the followed face carries over the chunk border.
+    frames = _two_face_video(16, small_from=0, big_from=0)
+    parts = [backend.detect(frames[:6]), backend.detect(frames[6:], reset=False)]
+    assert (FaceTrack.concatenate(parts).points[..., 0] > 320).all()
+
+
+def test_lost_face_is_not_replaced_by_another_until_it_stays_away(backend: MediaPipeFaceBackend) -> None:
+    # The small face is followed; the big face appears at frame 4; the small face vanishes from frame 8.
+    frames = _two_face_video(8 + REACQUIRE_AFTER_FRAMES + 4, small_from=0, big_from=4)
+    frames[8:, :, :300] = 0
+    track = backend.detect(frames)
+    assert track.found[:8].all() and (track.points[:8, :, 0] < 276).all()
+    # While the followed face is away, frames are reported without a face (they get interpolated) ...
+    gone = slice(8, 8 + REACQUIRE_AFTER_FRAMES)
+    assert not track.found[gone].any()
+    # ... and once it has been away long enough, the remaining face is taken.
+    assert track.found[8 + REACQUIRE_AFTER_FRAMES:].all()
+    assert (track.points[8 + REACQUIRE_AFTER_FRAMES:, :, 0] > 320).all()
+
+
+def test_choose_face_follows_the_nearest_matching_box() -> None:
+    left, right = np.array([0.0, 0, 100, 100]), np.array([300.0, 0, 500, 200])
+    assert choose_face([left, right], None) == 1  # nothing followed yet: the largest
+    assert choose_face([left, right], np.array([10.0, 5, 110, 105])) == 0  # the one that moved a little
+    assert choose_face([right], np.array([10.0, 5, 110, 105])) is None  # the followed face is not there
+    assert choose_face([np.array([0.0, 0, 300, 300])], left) is None  # same place, three times the size
+    assert choose_face([], None) is None
 
 
 def test_no_face_frames_are_reported(backend: MediaPipeFaceBackend) -> None:

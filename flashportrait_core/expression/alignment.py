@@ -97,3 +97,46 @@ def align_face_crops(frames: torch.Tensor, transforms: torch.Tensor, size: int =
     matrices = transforms.to(device=frames.device, dtype=work_dtype)
     warped = warp_affine(images, matrices, (size, size), mode="bicubic", padding_mode="zeros", align_corners=True)
     return warped.clamp(0.0, 1.0) * 2.0 - 1.0
+
+
+# Bicubic interpolation reads up to 2 pixels beyond a sample position; one more for rounding.
+WARP_SUPPORT_MARGIN = 3
+
+
+def warp_source_regions(transforms: torch.Tensor, height: int, width: int, size: int = CROP_SIZE) -> torch.Tensor:
+    """Frame regions [B, 4] (x0, y0, x1, y1, integer, clamped to the frame) that a warp to `size` reads.
+
+    The crop square mapped back into the frame, widened by the bicubic support. Cutting frames to these regions
+    before warping gives the same crops for a fraction of the memory when the face is small in a large frame.
+    """
+    linear, translation = transforms[:, :, :2].to(torch.float64), transforms[:, :, 2:].to(torch.float64)
+    corners = torch.tensor([[0, 0], [size - 1, 0], [0, size - 1], [size - 1, size - 1]], dtype=torch.float64,
+                           device=transforms.device)
+    # Frame point of crop point c: inverse(linear) @ (c - translation).
+    source = torch.linalg.solve(linear.unsqueeze(1), (corners.unsqueeze(0).unsqueeze(-1) - translation.unsqueeze(1)))
+    source = source.squeeze(-1)  # [B, 4 corners, 2]
+    low = (source.amin(dim=1) - WARP_SUPPORT_MARGIN).floor()
+    high = (source.amax(dim=1) + WARP_SUPPORT_MARGIN).ceil() + 1
+    limits = torch.tensor([width, height], dtype=torch.float64, device=transforms.device)
+    low = torch.minimum(low.clamp(min=0), limits - 1)
+    high = torch.maximum(torch.minimum(high, limits), low + 1)
+    return torch.cat([low, high], dim=1).to(torch.int64)
+
+
+def cut_warp_regions(frames: torch.Tensor, transforms: torch.Tensor,
+                     size: int = CROP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut frames [B, H, W, C] (any dtype) to what the warp reads -> (regions [B, h, w, C], shifted transforms).
+
+    Regions of one batch are zero-padded to a common size (beyond the read area, so the crops are unchanged).
+    """
+    regions = warp_source_regions(transforms, frames.shape[1], frames.shape[2], size).tolist()
+    cut_height = max(y1 - y0 for _, y0, _, y1 in regions)
+    cut_width = max(x1 - x0 for x0, _, x1, _ in regions)
+    cut = frames.new_zeros((frames.shape[0], cut_height, cut_width, frames.shape[3]))
+    for index, (x0, y0, x1, y1) in enumerate(regions):
+        cut[index, : y1 - y0, : x1 - x0] = frames[index, y0:y1, x0:x1]
+    offsets = torch.tensor([[x0, y0] for x0, y0, _, _ in regions], dtype=transforms.dtype, device=transforms.device)
+    shifted = transforms.clone()
+    # A(p) = L p + t with p = p' + offset  =>  t' = t + L @ offset.
+    shifted[:, :, 2] += (transforms[:, :, :2] @ offsets.unsqueeze(-1)).squeeze(-1)
+    return cut, shifted

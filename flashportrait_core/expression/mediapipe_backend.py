@@ -4,6 +4,10 @@ Five points per frame: iris centres (refined mesh 468 = image-left eye, 473 = im
 mouth corners (61 image-left, 291 image-right). Frames are processed as a video (tracking mode). When the mesh
 finds no face in the full frame (small faces: the mesh's own detector is short-range), a full-range face detector
 locates the face and the mesh runs on a square window around it; the window is kept while the face stays in it.
+
+One face is followed through the video: the largest when tracking starts, then in each frame the face nearest
+to where it was last seen, even when another face appears or grows larger (no switching between people). When it
+has been out of sight for `REACQUIRE_AFTER_FRAMES` frames, the largest face is taken again.
 """
 
 from __future__ import annotations
@@ -24,6 +28,12 @@ MIN_WINDOW_PIXELS = 256
 # Re-centre the window when the face drifts this far (fraction of the side) or changes size this much.
 WINDOW_DRIFT = 0.15
 WINDOW_RESIZE = 0.25
+# A face is the one followed when its centre is within this many (previous) face sizes of where that face was
+# last seen and its size is within this factor: generous enough for fast head motion, far below the distance
+# between two people side by side.
+FOLLOW_MAX_DISTANCE = 0.6
+FOLLOW_MAX_SIZE_RATIO = 1.8
+REACQUIRE_AFTER_FRAMES = 12
 
 
 class MediaPipeUnavailableError(ImportError):
@@ -89,6 +99,33 @@ def _crop_window(frame: np.ndarray, window: np.ndarray) -> tuple[np.ndarray, flo
     return np.ascontiguousarray(crop), scale
 
 
+def _box_size(box: np.ndarray) -> float:
+    return float(max(box[2] - box[0], box[3] - box[1], 1e-6))
+
+
+def follows(previous: np.ndarray, candidate: np.ndarray) -> float | None:
+    """How far `candidate` is from the followed face's `previous` box (in previous face sizes), or None when it
+    is too far or too different in size to be the same face."""
+    size, candidate_size = _box_size(previous), _box_size(candidate)
+    distance = float(np.linalg.norm((candidate[:2] + candidate[2:]) / 2 - (previous[:2] + previous[2:]) / 2)) / size
+    ratio = max(candidate_size / size, size / candidate_size)
+    if distance > FOLLOW_MAX_DISTANCE or ratio > FOLLOW_MAX_SIZE_RATIO:
+        return None
+    return distance
+
+
+def choose_face(boxes: list[np.ndarray], previous: np.ndarray | None) -> int | None:
+    """Index of the face to keep: the one following `previous` (nearest), or the largest when nothing is
+    followed yet. None when a face is followed and none of the candidates is it."""
+    if not boxes:
+        return None
+    if previous is None:
+        return max(range(len(boxes)), key=lambda index: _box_area(boxes[index]))
+    distances = [(follows(previous, box), index) for index, box in enumerate(boxes)]
+    matching = [(distance, index) for distance, index in distances if distance is not None]
+    return min(matching)[1] if matching else None
+
+
 def _window_still_fits(window: np.ndarray, box: np.ndarray) -> bool:
     proposed = _window_around(box, LANDMARK_WINDOW_SCALE)
     side = window[2]
@@ -97,7 +134,7 @@ def _window_still_fits(window: np.ndarray, box: np.ndarray) -> bool:
 
 
 class MediaPipeFaceBackend:
-    """MediaPipe face mesh + full-range face detection fallback; keeps the largest face of each frame."""
+    """MediaPipe face mesh + full-range face detection fallback; follows one face (the largest at the start)."""
 
     def __init__(self, max_faces: int = 4, min_detection_confidence: float = 0.5,
                  min_tracking_confidence: float = 0.5) -> None:
@@ -111,6 +148,8 @@ class MediaPipeFaceBackend:
         self._window_mesh: Any = None
         self._detector: Any = None
         self._window: np.ndarray | None = None
+        self._followed: np.ndarray | None = None  # box of the followed face where last seen
+        self._frames_unseen = 0
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def _new_mesh(self, max_faces: int) -> Any:
@@ -131,6 +170,8 @@ class MediaPipeFaceBackend:
             model_selection=1, min_detection_confidence=self._min_detection_confidence
         )
         self._window = None
+        self._followed = None
+        self._frames_unseen = 0
 
     def close(self) -> None:
         for graph in (self._frame_mesh, self._window_mesh, self._detector):
@@ -163,26 +204,50 @@ class MediaPipeFaceBackend:
         track = FaceTrack.empty(frames_uint8.shape[0])
         for index, frame in enumerate(frames_uint8):
             landmarks = self._detect_frame(np.ascontiguousarray(frame))
+            self._remember(landmarks)
             if landmarks is not None:
                 track.points[index] = landmarks[list(MESH_POINT_INDICES)]
                 track.boxes[index] = _box_of(landmarks[:468])
                 track.found[index] = True
         return track
 
+    def _remember(self, landmarks: np.ndarray | None) -> None:
+        """Update the followed face; forget it after REACQUIRE_AFTER_FRAMES frames out of sight."""
+        if landmarks is not None:
+            self._followed = _box_of(landmarks[:468])
+            self._frames_unseen = 0
+            return
+        self._frames_unseen += 1
+        if self._frames_unseen >= REACQUIRE_AFTER_FRAMES:
+            self._followed = None
+            self._window = None
+
     def _detect_frame(self, frame: np.ndarray) -> np.ndarray | None:
         if self._window is None:
-            landmarks = self._largest_mesh_face(self._frame_mesh, frame)
+            landmarks = self._chosen_mesh_face(self._frame_mesh, frame, self._followed)
             if landmarks is not None:
                 return landmarks
         return self._detect_in_window(frame)
 
-    def _largest_mesh_face(self, mesh: Any, image: np.ndarray) -> np.ndarray | None:
+    def _chosen_mesh_face(self, mesh: Any, image: np.ndarray, previous: np.ndarray | None,
+                          offset: np.ndarray | None = None, scale: float = 1.0) -> np.ndarray | None:
+        """Landmarks (frame pixels) of the followed face among the mesh's faces in `image`.
+
+        `image` may be a window of the frame: landmarks map back with `/ scale + offset`.
+        """
         result = mesh.process(image)
         if not result.multi_face_landmarks:
             return None
         height, width = image.shape[:2]
         faces = [_landmark_array(face, width, height) for face in result.multi_face_landmarks]
-        return max(faces, key=lambda face: _box_area(_box_of(face[:468])))
+        if offset is not None:
+            faces = [face / scale + offset for face in faces]
+        chosen = choose_face([_box_of(face[:468]) for face in faces], previous)
+        return None if chosen is None else faces[chosen]
+
+    def _largest_mesh_face(self, mesh: Any, image: np.ndarray) -> np.ndarray | None:
+        """Landmarks of the largest face the mesh finds in `image`, whatever was followed before."""
+        return self._chosen_mesh_face(mesh, image, None)
 
     def _detect_in_window(self, frame: np.ndarray) -> np.ndarray | None:
         fresh = self._window is None
@@ -205,10 +270,7 @@ class MediaPipeFaceBackend:
 
     def _mesh_in_window(self, frame: np.ndarray) -> np.ndarray | None:
         crop, scale = _crop_window(frame, self._window)
-        landmarks = self._largest_mesh_face(self._window_mesh, crop)
-        if landmarks is None:
-            return None
-        return landmarks / scale + self._window[:2]
+        return self._chosen_mesh_face(self._window_mesh, crop, self._followed, self._window[:2], scale)
 
     def _window_from_detector(self, frame: np.ndarray) -> np.ndarray | None:
         result = self._detector.process(frame)
@@ -220,4 +282,6 @@ class MediaPipeFaceBackend:
             rel = detection.location_data.relative_bounding_box
             x0, y0 = rel.xmin * width, rel.ymin * height
             boxes.append(np.array([x0, y0, x0 + rel.width * width, y0 + rel.height * height]))
-        return _window_around(max(boxes, key=_box_area), DETECTION_WINDOW_SCALE)
+        # The detector's box and the mesh's box of one face differ a little in size; the follow test allows it.
+        chosen = choose_face(boxes, self._followed)
+        return None if chosen is None else _window_around(boxes[chosen], DETECTION_WINDOW_SCALE)

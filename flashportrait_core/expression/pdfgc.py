@@ -170,17 +170,32 @@ def _check_crops(crops: torch.Tensor) -> None:
         raise ValueError(f"crops must be floating point in [-1, 1], got dtype {crops.dtype}")
 
 
+def use_channels_last(encoder: nn.Module) -> nn.Module:
+    """Store the encoder's convolution weights channels-last (once; later calls are free).
+
+    The FAN trunk is all convolutions: in this layout the CPU kernels run it markedly faster (measured in
+    benchmarks/expression_speed.py), with the same results up to float rounding.
+    """
+    kernels = [p for p in encoder.parameters() if p.ndim == 4]
+    if kernels and not kernels[0].is_contiguous(memory_format=torch.channels_last):
+        encoder.to(memory_format=torch.channels_last)
+    return encoder
+
+
 def expression_features(encoder: FanEncoder, crops: torch.Tensor) -> torch.Tensor:
     """Aligned crops [B, 3, 224, 224] in [-1, 1] -> features [B, 554] = headpose 6 | eye 6 | emo 30 | mouth 512.
 
-    Runs in eval mode (BatchNorm running statistics) without autograd, in the encoder's device and dtype.
+    Runs in eval mode (BatchNorm running statistics) without autograd, in the encoder's device and dtype,
+    channels-last.
     """
     _check_crops(crops)
     if encoder.training:
         encoder.eval()
+    use_channels_last(encoder)
     parameter = next(encoder.parameters())
+    crops = crops.to(device=parameter.device, dtype=parameter.dtype).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        parts = encoder(crops.to(device=parameter.device, dtype=parameter.dtype))
+        parts = encoder(crops)
         return torch.cat([parts["headpose"], parts["eye"], parts["emo"], parts["mouth"]], dim=1)
 
 
