@@ -6,6 +6,7 @@ from typing_extensions import override
 
 from .conditioning import (FlashPortraitEmotionConditioning, FlashPortraitLoadConditioning,
                            FlashPortraitSaveConditioning)
+from .decode import FlashPortraitDecodeToVideo
 from .expressions import FlashPortraitExtractExpressions
 from .loaders import (FlashPortraitExpressionModelLoader, FlashPortraitModelLoader,
                       FlashPortraitPortraitEncoderLoader)
@@ -25,6 +26,7 @@ class FlashPortraitExtension(ComfyExtension):
             FlashPortraitEmotionConditioning,
             FlashPortraitWindows,
             FlashPortraitSampler,
+            FlashPortraitDecodeToVideo,
             FlashPortraitSaveConditioning,
             FlashPortraitLoadConditioning,
         ]
