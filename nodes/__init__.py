@@ -7,7 +7,7 @@ from typing_extensions import override
 from .conditioning import (FlashPortraitEmotionConditioning, FlashPortraitLoadConditioning,
                            FlashPortraitSaveConditioning)
 from .decode import FlashPortraitDecodeToVideo
-from .expressions import FlashPortraitExtractExpressions
+from .expressions import FlashPortraitExtractExpressions, FlashPortraitExtractExpressionsFromVideo
 from .loaders import (FlashPortraitExpressionModelLoader, FlashPortraitModelLoader,
                       FlashPortraitPortraitEncoderLoader)
 from .model_folders import register_model_folders
@@ -23,6 +23,7 @@ class FlashPortraitExtension(ComfyExtension):
             FlashPortraitPortraitEncoderLoader,
             FlashPortraitExpressionModelLoader,
             FlashPortraitExtractExpressions,
+            FlashPortraitExtractExpressionsFromVideo,
             FlashPortraitEmotionConditioning,
             FlashPortraitWindows,
             FlashPortraitSampler,

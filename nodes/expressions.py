@@ -1,12 +1,16 @@
 """Expression extraction nodes: driving frames or a video file -> per-frame PD-FGC features; previews."""
 from __future__ import annotations
 
+import os
+
 import comfy.model_management
 import comfy.utils
+import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..flashportrait_core.expression.extract import ExpressionFeatures, extract_expression_features
+from ..flashportrait_core.expression.extract import (extract_expression_features,
+                                                     extract_expression_features_from_video)
 from ..flashportrait_core.expression.mediapipe_backend import MediaPipeFaceBackend
 from . import types
 
@@ -80,3 +84,102 @@ class FlashPortraitExtractExpressions(io.ComfyNode):
                 driving_frames, run.encoder, backend, batch_size=batch_size, smoothing=smoothing,
                 fps=float(fps) if fps else 25.0, on_progress=run.on_progress, should_stop=run.should_stop)
         return io.NodeOutput(expressions, expressions.report())
+
+
+def input_videos() -> list[str]:
+    """Video files in ComfyUI's input folder (as core Load Video lists them)."""
+    folder = folder_paths.get_input_directory()
+    files = [name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name))]
+    return sorted(folder_paths.filter_files_content_types(files, ["video"]))
+
+
+def resolve_video_path(video: str | None, path: str | None) -> str:
+    """The driving video to read: `path` when given (absolute, or relative to the input folder), else the
+    input-folder file chosen in `video`. A clear FileNotFoundError names what was looked for."""
+    typed = (path or "").strip().strip('"').strip("'")
+    if typed:
+        candidate = os.path.expanduser(typed)
+        if not os.path.isabs(candidate):
+            candidate = os.path.join(folder_paths.get_input_directory(), candidate)
+        if not os.path.isfile(candidate):
+            raise FileNotFoundError(f"driving video path '{typed}' does not exist (looked for {candidate}); "
+                                    "give the full path of a video file, or clear it to use the video list")
+        return candidate
+    if not video:
+        raise FileNotFoundError(f"no driving video chosen: put a video in ComfyUI's input folder "
+                                f"({folder_paths.get_input_directory()}) or upload one, or type its full path")
+    if not folder_paths.exists_annotated_filepath(video):
+        raise FileNotFoundError(f"driving video '{video}' is not in ComfyUI's input folder "
+                                f"({folder_paths.get_input_directory()}); pick another or upload it")
+    return folder_paths.get_annotated_filepath(video)
+
+
+def video_fingerprint(file_path: str) -> str:
+    """Changes when the file is replaced or edited: path, size and modification time (ns)."""
+    status = os.stat(file_path)
+    return f"{os.path.realpath(file_path)}|{status.st_size}|{status.st_mtime_ns}"
+
+
+class FlashPortraitExtractExpressionsFromVideo(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlashPortraitExtractExpressionsFromVideo",
+            display_name="FlashPortrait Extract Expressions (Video File)",
+            category="FlashPortrait",
+            description="Reads the driving video file in chunks (never all frames at once, so any length fits "
+                        "in memory), finds and follows the face, and encodes its expressions. Optionally "
+                        "converts the sequence to the generation frame rate.",
+            inputs=[
+                io.Combo.Input("video", options=input_videos(), upload=io.UploadType.video,
+                               tooltip="A video in ComfyUI's input folder (upload adds one). Ignored when a "
+                                       "path is given below."),
+                types.ExpressionModel.Input("expression_model", tooltip="From FlashPortrait Expression Model Loader."),
+                io.Int.Input("batch_size", default=16, min=1, max=256,
+                             tooltip="Frames decoded and faces encoded together; lower it if memory runs short."),
+                io.Int.Input("max_frames", default=0, min=0, max=1_000_000,
+                             tooltip="Use only the first N frames of the video (0 = all)."),
+                smoothing_input(),
+                io.Float.Input("target_fps", default=25.0, min=0.0, max=240.0, step=1.0,
+                               tooltip="Frame rate of the generated video; the expression sequence is resampled "
+                                       "to it (linear interpolation in time). 25 is the model's rate; 0 keeps "
+                                       "the driving video's rate."),
+                io.String.Input("path", default="", optional=True,
+                                tooltip="Full path of a video file anywhere on disk (overrides the list above); "
+                                        "a relative path is looked up in the input folder."),
+            ],
+            outputs=[
+                types.Expressions.Output(display_name="expressions"),
+                io.Float.Output(display_name="fps", tooltip="Frame rate of the expression sequence (the "
+                                                           "target fps, or the video's when kept)."),
+                io.Int.Output(display_name="frame_count", tooltip="Frames in the expression sequence."),
+                io.String.Output(display_name="report", tooltip="Frames, frame rates, faces found and frames "
+                                                                "filled."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, video: str | None = None, path: str | None = None) -> bool | str:
+        try:
+            resolve_video_path(video, path)
+        except FileNotFoundError as error:
+            return str(error)
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, video: str | None = None, path: str | None = None, **settings) -> str:
+        # Same file and settings: ComfyUI reuses the cached output. An edited or replaced file re-runs.
+        return video_fingerprint(resolve_video_path(video, path))
+
+    @classmethod
+    def execute(cls, video: str | None, expression_model, batch_size: int, max_frames: int = 0,
+                smoothing: float = 0.5, target_fps: float = 25.0, path: str | None = None) -> io.NodeOutput:
+        file_path = resolve_video_path(video, path)
+        # The progress total is set by the first update, from the container's frame count.
+        with _Extraction(expression_model, 1) as run, MediaPipeFaceBackend() as backend:
+            expressions = extract_expression_features_from_video(
+                file_path, run.encoder, backend, batch_size=batch_size, smoothing=smoothing,
+                max_frames=max_frames or None, target_fps=target_fps or None,
+                on_progress=run.on_progress, should_stop=run.should_stop)
+        return io.NodeOutput(expressions, float(expressions.fps), int(expressions.features.shape[0]),
+                             f"{os.path.basename(file_path)}: {expressions.report()}")

@@ -1,0 +1,100 @@
+"""The expression nodes in-process: the file node's path handling, fingerprint and outputs; the frames node."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pack import import_pack
+
+pack = import_pack()
+import folder_paths  # noqa: E402
+
+from flashportrait_pack.flashportrait_core.expression import (  # noqa: E402
+    load_fan_encoder,
+    random_fan_encoder_state_dict,
+    read_video_frames,
+)
+
+expressions_nodes = pack.nodes.expressions
+DRIVING = Path(__file__).resolve().parents[1] / "../shared/data/driving"
+
+
+@pytest.fixture(scope="module")
+def expression_model():
+    encoder = load_fan_encoder(random_fan_encoder_state_dict(seed=5))
+    return pack.nodes.loaders.ExpressionModel(encoder=encoder, face_backend="mediapipe")
+
+
+@pytest.fixture()
+def input_dir(tmp_path: Path):
+    previous = folder_paths.get_input_directory()
+    folder = tmp_path / "input"
+    folder.mkdir()
+    folder_paths.set_input_directory(str(folder))
+    try:
+        yield folder
+    finally:
+        folder_paths.set_input_directory(previous)
+
+
+def test_video_list_and_path_resolution(input_dir: Path, tmp_path: Path) -> None:
+    shutil.copy(DRIVING / "lp_d0.mp4", input_dir / "talking.mp4")
+    (input_dir / "notes.txt").write_text("not a video")
+    assert expressions_nodes.input_videos() == ["talking.mp4"]
+    node = expressions_nodes.FlashPortraitExtractExpressionsFromVideo
+    assert node.validate_inputs(video="talking.mp4", path="") is True
+    assert expressions_nodes.resolve_video_path("talking.mp4", "") == str(input_dir / "talking.mp4")
+    # A path typed (or pasted with quotes) wins over the list; a relative one is looked up in the input folder.
+    elsewhere = tmp_path / "elsewhere.mp4"
+    shutil.copy(DRIVING / "lp_d0.mp4", elsewhere)
+    assert expressions_nodes.resolve_video_path("talking.mp4", f' "{elsewhere}" ') == str(elsewhere)
+    assert expressions_nodes.resolve_video_path(None, "talking.mp4") == str(input_dir / "talking.mp4")
+    # Clear messages, returned by validation before anything runs.
+    message = node.validate_inputs(video="gone.mp4", path="")
+    assert "'gone.mp4' is not in ComfyUI's input folder" in message
+    message = node.validate_inputs(video="talking.mp4", path="/no/such/clip.mp4")
+    assert "'/no/such/clip.mp4' does not exist" in message
+    assert "put a video in ComfyUI's input folder" in node.validate_inputs(video="", path="")
+
+
+def test_fingerprint_changes_when_the_file_changes(input_dir: Path) -> None:
+    video = input_dir / "talking.mp4"
+    shutil.copy(DRIVING / "lp_d0.mp4", video)
+    node = expressions_nodes.FlashPortraitExtractExpressionsFromVideo
+    first = node.fingerprint_inputs(video="talking.mp4", path="", batch_size=16, smoothing=0.5)
+    assert node.fingerprint_inputs(video="talking.mp4", path="", batch_size=8) == first  # same file: same print
+    # The same name with other content (re-uploaded or edited): a new fingerprint, so the node runs again.
+    shutil.copy(DRIVING / "lp_d12.mp4", video)
+    second = node.fingerprint_inputs(video="talking.mp4", path="")
+    assert second != first
+    # Touched with a new modification time but the same size: also re-run.
+    stat = video.stat()
+    os.utime(video, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+    assert node.fingerprint_inputs(video="talking.mp4", path="") != second
+
+
+def test_file_node_outputs(input_dir: Path, expression_model) -> None:
+    shutil.copy(DRIVING / "lp_d3.mp4", input_dir / "talking.mp4")  # 30 fps
+    node = expressions_nodes.FlashPortraitExtractExpressionsFromVideo
+    output = node.execute(video="talking.mp4", expression_model=expression_model, batch_size=4, max_frames=4,
+                          smoothing=0.5, target_fps=25.0, path="")
+    expressions, fps, frame_count, report = output.result
+    # 4 frames at 30 fps last 0.1 s: output frames at 0, 0.04 and 0.08 s.
+    assert (fps, frame_count) == (25.0, 3)
+    assert expressions.features.shape == (3, 554) and torch.isfinite(expressions.features).all()
+    assert report == "talking.mp4: 3 frames, face found in 3, 0 filled by interpolation; 25 fps, resampled from " \
+                     "4 frames at 30 fps; smoothing 0.5"
+
+
+def test_frames_node_uses_smoothing_and_fps(expression_model) -> None:
+    frames, fps = read_video_frames(DRIVING / "lp_d0.mp4", max_frames=3)
+    node = expressions_nodes.FlashPortraitExtractExpressions
+    expressions, report = node.execute(driving_frames=frames, expression_model=expression_model, batch_size=2,
+                                       max_frames=0, smoothing=0.3, fps=fps).result
+    assert expressions.features.shape == (3, 554)
+    assert (expressions.fps, expressions.smoothing) == (25.0, 0.3)
+    assert report == "3 frames, face found in 3, 0 filled by interpolation; 25 fps; smoothing 0.3"
