@@ -7,7 +7,8 @@ from typing_extensions import override
 from .conditioning import (FlashPortraitEmotionConditioning, FlashPortraitLoadConditioning,
                            FlashPortraitSaveConditioning)
 from .decode import FlashPortraitDecodeToVideo
-from .expressions import FlashPortraitExtractExpressions, FlashPortraitExtractExpressionsFromVideo
+from .expressions import (FlashPortraitExtractExpressions, FlashPortraitExtractExpressionsFromVideo,
+                          FlashPortraitPlotExpressions, FlashPortraitPreviewFaces)
 from .loaders import (FlashPortraitExpressionModelLoader, FlashPortraitModelLoader,
                       FlashPortraitPortraitEncoderLoader)
 from .model_folders import register_model_folders
@@ -24,6 +25,8 @@ class FlashPortraitExtension(ComfyExtension):
             FlashPortraitExpressionModelLoader,
             FlashPortraitExtractExpressions,
             FlashPortraitExtractExpressionsFromVideo,
+            FlashPortraitPreviewFaces,
+            FlashPortraitPlotExpressions,
             FlashPortraitEmotionConditioning,
             FlashPortraitWindows,
             FlashPortraitSampler,

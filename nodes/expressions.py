@@ -12,6 +12,8 @@ from comfy_api.latest import io
 from ..flashportrait_core.expression.extract import (extract_expression_features,
                                                      extract_expression_features_from_video)
 from ..flashportrait_core.expression.mediapipe_backend import MediaPipeFaceBackend
+from ..flashportrait_core.expression.preview import (draw_face_overlay, face_tracks_for_frames,
+                                                     plot_expression_curves)
 from . import types
 
 SMOOTHING_TOOLTIP = ("Temporal smoothing of the face points (one-euro filter, run forward and backward so it adds "
@@ -183,3 +185,50 @@ class FlashPortraitExtractExpressionsFromVideo(io.ComfyNode):
                 on_progress=run.on_progress, should_stop=run.should_stop)
         return io.NodeOutput(expressions, float(expressions.fps), int(expressions.features.shape[0]),
                              f"{os.path.basename(file_path)}: {expressions.report()}")
+
+
+class FlashPortraitPreviewFaces(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlashPortraitPreviewFaces",
+            display_name="FlashPortrait Preview Faces",
+            category="FlashPortrait",
+            description="Draws the face box and the 5 alignment points over the driving frames, so you can see "
+                        "whether the face was followed: green box = detected, orange = interpolated.",
+            inputs=[
+                io.Image.Input("driving_frames", tooltip="The driving frames the expressions were extracted from "
+                                                         "(the first N are drawn; a resized copy works too)."),
+                types.Expressions.Input("expressions", tooltip="From a FlashPortrait Extract Expressions node."),
+            ],
+            outputs=[io.Image.Output(display_name="preview")],
+        )
+
+    @classmethod
+    def execute(cls, driving_frames: torch.Tensor, expressions) -> io.NodeOutput:
+        count, height, width = driving_frames.shape[:3]
+        boxes, points, found = face_tracks_for_frames(expressions, count, height, width)
+        return io.NodeOutput(draw_face_overlay(driving_frames, boxes, points, found))
+
+
+class FlashPortraitPlotExpressions(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlashPortraitPlotExpressions",
+            display_name="FlashPortrait Plot Expressions",
+            category="FlashPortrait",
+            description="Plots the expression features over time (head pose, eyes, the most varying emotion "
+                        "dimensions, mouth energy) as an image; interpolated frames are shaded.",
+            inputs=[
+                types.Expressions.Input("expressions", tooltip="From a FlashPortrait Extract Expressions node."),
+                io.Int.Input("width", default=1280, min=320, max=4096, step=8, tooltip="Image width in pixels."),
+                io.Int.Input("height", default=960, min=240, max=4096, step=8, tooltip="Image height in pixels."),
+            ],
+            outputs=[io.Image.Output(display_name="plot")],
+        )
+
+    @classmethod
+    def execute(cls, expressions, width: int = 1280, height: int = 960) -> io.NodeOutput:
+        image = plot_expression_curves(expressions, width, height)
+        return io.NodeOutput(torch.from_numpy(image).float().div_(255.0).unsqueeze(0))

@@ -98,3 +98,16 @@ def test_frames_node_uses_smoothing_and_fps(expression_model) -> None:
     assert expressions.features.shape == (3, 554)
     assert (expressions.fps, expressions.smoothing) == (25.0, 0.3)
     assert report == "3 frames, face found in 3, 0 filled by interpolation; 25 fps; smoothing 0.3"
+
+
+def test_preview_nodes_return_images(expression_model) -> None:
+    frames, fps = read_video_frames(DRIVING / "lp_d0.mp4", max_frames=2)
+    expressions, _ = expressions_nodes.FlashPortraitExtractExpressions.execute(
+        driving_frames=frames, expression_model=expression_model, batch_size=2, max_frames=0, smoothing=0.0).result
+    (overlay,) = expressions_nodes.FlashPortraitPreviewFaces.execute(driving_frames=frames,
+                                                                     expressions=expressions).result
+    assert overlay.shape == frames.shape and not torch.equal(overlay, frames)
+    (plot,) = expressions_nodes.FlashPortraitPlotExpressions.execute(expressions=expressions, width=640,
+                                                                     height=480).result
+    assert plot.shape == (1, 480, 640, 3) and plot.dtype == torch.float32
+    assert 0.0 <= float(plot.min()) and float(plot.max()) <= 1.0 and float(plot.std()) > 0.02

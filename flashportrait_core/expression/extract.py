@@ -193,6 +193,7 @@ def align_chunk(chunk: torch.Tensor, transforms: torch.Tensor, device: torch.dev
     """One chunk [B, H, W, 3] (float in [0, 1] or uint8) -> aligned crops [B, 3, 224, 224] in [-1, 1] on device.
 
     Only the part of each frame the warp reads is cut out and moved, so large frames cost what small ones do.
+    The warp itself is the published one (bicubic, no pre-filter), also for faces much larger than the crop.
     """
     regions, shifted = cut_warp_regions(chunk, transforms)
     regions = regions.to(device)

@@ -66,7 +66,8 @@ def _open(path: str):  # -> av.container.InputContainer
         raise VideoReadError(f"cannot decode {path!r} as a video: {error}") from error
     if not container.streams.video:
         container.close()
-        raise VideoReadError(f"{path!r} has no video stream")
+        raise VideoReadError(f"{path!r} has no video frames (the container holds no video stream; an empty "
+                             "recording or an audio-only file?)")
     return container
 
 
