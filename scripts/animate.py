@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from scripts import comfy_client, host  # noqa: E402
 from scripts.make_tiny_models import write_tiny_models  # noqa: E402
 from scripts.workflow_prep import (PUBLISHED_MODELS, TINY_MODELS, ModelFiles, Settings,  # noqa: E402
-                                   load_ui_workflow, prepare_basic_prompt)
+                                   load_ui_workflow, prepare_prompt)
 
 PROJECT_MEDIA = REPO_ROOT.parent / "shared" / "data"
 CACHE = REPO_ROOT / ".models" / "media"
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copy(args.reference, server.input_dir / reference_name)
             shutil.copy(args.driving, server.input_dir / driving_name)
             prompt = comfy_client.ui_to_api(load_ui_workflow(), comfy_client.object_info(server.url))
-            prepare_basic_prompt(prompt, models, reference_name, driving_name, settings)
+            prepare_prompt(prompt, models, reference_name, driving_name, settings)
             print(f"Running the workflow on {server.url} (log: {server.log_path}) ...")
             entry = comfy_client.run_prompt(server.url, prompt, timeout=24 * 3600, is_alive=server.is_running)
             for node_id, output in entry["outputs"].items():

@@ -1,4 +1,4 @@
-"""Fill the shipped FlashPortrait workflow (in API form) with a user's media, models and settings.
+"""Fill a shipped FlashPortrait workflow (in API form) with a user's media, models and settings.
 
 Shared by the main job (``scripts/animate.py``) and the graph tests, so the tests run exactly what users run.
 """
@@ -10,6 +10,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASIC_WORKFLOW = REPO_ROOT / "workflows" / "flashportrait_basic.json"
+LONG_WORKFLOW = REPO_ROOT / "workflows" / "flashportrait_long.json"
 
 # Text and CLIP-vision encoder nodes; replaced by a precomputed conditioning file when one is given.
 _ENCODER_TYPES = {"CLIPLoader", "CLIPTextEncode", "CLIPVisionLoader", "CLIPVisionEncode"}
@@ -100,23 +101,37 @@ def use_precomputed_conditioning(prompt: dict, conditioning_file: str) -> None:
     _prune_unused(prompt, _ENCODER_TYPES)
 
 
-def prepare_basic_prompt(prompt: dict, models: ModelFiles, reference_image: str, driving_video: str,
-                         settings: Settings = Settings()) -> dict:
-    """Set media, models and settings on the API form of ``workflows/flashportrait_basic.json`` (in place)."""
+def _nodes_of_type(prompt: dict, class_type: str) -> list[dict]:
+    return [node for node in prompt.values() if node["class_type"] == class_type]
+
+
+def prepare_prompt(prompt: dict, models: ModelFiles, reference_image: str, driving_video: str,
+                   settings: Settings = Settings()) -> dict:
+    """Set media, models and settings on the API form of a shipped workflow (in place).
+
+    Works for the basic workflow (Load Video + Save Video) and the long-form one (extraction from the video
+    file + decode to file): each setting goes to whichever of its nodes the workflow has.
+    """
     def set_inputs(class_type: str, **values) -> None:
         _node_of_type(prompt, class_type)[1]["inputs"].update(values)
+
+    def set_if_present(class_type: str, **values) -> None:
+        for node in _nodes_of_type(prompt, class_type):
+            node["inputs"].update(values)
 
     set_inputs("FlashPortraitModelLoader", wan_model=models.wan, flashportrait_weights=models.transformer)
     set_inputs("FlashPortraitPortraitEncoderLoader", portrait_encoder=models.portrait_encoder)
     set_inputs("FlashPortraitExpressionModelLoader", expression_encoder=models.expression_encoder)
     set_inputs("VAELoader", vae_name=models.vae)
     set_inputs("LoadImage", image=reference_image)
-    set_inputs("LoadVideo", file=driving_video)
-    set_inputs("FlashPortraitExtractExpressions", max_frames=settings.max_frames)
+    set_if_present("LoadVideo", file=driving_video)
+    set_if_present("FlashPortraitExtractExpressions", max_frames=settings.max_frames)
+    set_if_present("FlashPortraitExtractExpressionsFromVideo", video=driving_video, max_frames=settings.max_frames)
     set_inputs("FlashPortraitWindows", window_length=settings.window_length, overlap=settings.window_overlap)
     set_inputs("FlashPortraitSampler", seed=settings.seed, steps=settings.steps, shift=settings.shift,
                max_side=settings.max_side)
-    set_inputs("SaveVideo", filename_prefix=settings.filename_prefix)
+    set_if_present("SaveVideo", filename_prefix=settings.filename_prefix)
+    set_if_present("FlashPortraitDecodeToVideo", filename_prefix=settings.filename_prefix)
     if models.precomputed_conditioning:
         use_precomputed_conditioning(prompt, models.precomputed_conditioning)
     else:

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.graph
 
 
 def test_workflows_are_shipped():
-    assert [p.name for p in WORKFLOWS] == ["flashportrait_basic.json"]
+    assert [p.name for p in WORKFLOWS] == ["flashportrait_basic.json", "flashportrait_long.json"]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
