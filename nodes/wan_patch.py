@@ -7,15 +7,16 @@ cross-attention swapped for the NFEB one for the duration of that call.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from comfy.ldm.modules.attention import optimized_attention
 
 from ..flashportrait_core.nfeb import add_normalized_emotion, frame_local_attention
 
-# Key in ``transformer_options`` under which the sampler passes a pass's emotion conditioning.
+# Keys in ``transformer_options``: a pass's emotion conditioning, and a probe asking for block outputs.
 EMOTION_OPTIONS_KEY = "flashportrait_emotion"
+BLOCK_PROBE_KEY = "flashportrait_block_probe"
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,20 @@ class EmotionPass:
 
     tokens: torch.Tensor
     ip_scale: float
+
+
+@dataclass
+class BlockProbe:
+    """Asks the patched blocks for a strided sample of their outputs (for ALP's layer-aware dial)."""
+
+    blocks: tuple[int, ...]
+    max_tokens: int = 2048
+    outputs: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def record(self, index: int, output: torch.Tensor) -> None:
+        if index in self.blocks:
+            stride = max(1, output.shape[1] // self.max_tokens)
+            self.outputs[index] = output[:, ::stride].detach().float().cpu()
 
 
 def attach_emotion_projections(diffusion_model: torch.nn.Module,
@@ -60,11 +75,19 @@ def emotion_cross_attention(attn: torch.nn.Module, x: torch.Tensor, context: tor
 class EmotionBlockPatch:
     """Replacement for one Wan block: the original block, with NFEB in its cross-attention."""
 
-    def __init__(self, block: torch.nn.Module):
+    def __init__(self, block: torch.nn.Module, index: int):
         self.block = block
+        self.index = index
 
     def __call__(self, args: dict, extra: dict) -> dict:
-        emotion = args["transformer_options"].get(EMOTION_OPTIONS_KEY)
+        options = args["transformer_options"]
+        out = self._run(args, extra, options.get(EMOTION_OPTIONS_KEY))
+        probe = options.get(BLOCK_PROBE_KEY)
+        if probe is not None:
+            probe.record(self.index, out["img"])
+        return out
+
+    def _run(self, args: dict, extra: dict, emotion: EmotionPass | None) -> dict:
         if emotion is None or emotion.ip_scale == 0:
             return extra["original_block"](args)  # ip_scale 0 is exactly the plain Wan block
         cross_attn = self.block.cross_attn
@@ -82,4 +105,4 @@ class EmotionBlockPatch:
 def patch_emotion_blocks(model_patcher) -> None:
     """Register the NFEB replacement on every block of a ModelPatcher's Wan model."""
     for index, block in enumerate(model_patcher.model.diffusion_model.blocks):
-        model_patcher.set_model_patch_replace(EmotionBlockPatch(block), "dit", "double_block", index)
+        model_patcher.set_model_patch_replace(EmotionBlockPatch(block, index), "dit", "double_block", index)

@@ -9,11 +9,13 @@ import comfy.model_management
 import comfy.utils
 import torch
 
+from ..flashportrait_core.alp import (ALPConfig, ALPWindowState, alp_step, block_change_magnitudes,
+                                      new_window_state, report_lines)
 from ..flashportrait_core.emotion_conditioning import EmotionConditioning
 from ..flashportrait_core.guidance import combine_guidance, guidance_passes
 from ..flashportrait_core.sampling import flow_sigmas, sample_flow_windows
 from ..flashportrait_core.windows import WindowPlan
-from .wan_patch import EMOTION_OPTIONS_KEY, EmotionPass
+from .wan_patch import BLOCK_PROBE_KEY, EMOTION_OPTIONS_KEY, BlockProbe, EmotionPass
 
 SIDE_MULTIPLE = 16  # the VAE halves 8x and the DiT patches 2x2
 
@@ -49,14 +51,21 @@ def reference_condition(vae, reference: torch.Tensor, height: int, width: int, l
 class SamplingReport:
     windows: list[tuple[int, int]]
     steps: int
-    model_passes: list[int] = field(default_factory=list)  # DiT passes per window
+    model_passes: list[int] = field(default_factory=list)  # DiT passes per window, counted as they run
+    alp_states: list[ALPWindowState] = field(default_factory=list)  # empty when ALP is off
     seconds: float = 0.0
 
     def text(self) -> str:
         lines = [f"{len(self.windows)} window(s) x {self.steps} steps, {sum(self.model_passes)} DiT passes, "
                  f"{self.seconds:.1f} s"]
-        lines += [f"  window {k}: latent frames {s}-{e - 1}, {n} DiT passes"
-                  for k, ((s, e), n) in enumerate(zip(self.windows, self.model_passes))]
+        for k, ((start, end), passes) in enumerate(zip(self.windows, self.model_passes)):
+            line = f"  window {k}: latent frames {start}-{end - 1}, {passes} DiT passes"
+            if self.alp_states:
+                counts = self.alp_states[k].report()
+                line += f" (ALP: {counts['computed']} steps computed, {counts['skipped']} skipped)"
+            lines.append(line)
+        if self.alp_states:
+            lines.append("  " + report_lines(self.alp_states)[-1])
         return "\n".join(lines)
 
 
@@ -85,12 +94,14 @@ class GuidedWanVelocity:
                                            cross_attn=contexts[name], clip_vision_output=clip_vision_output)
             self.conds[name] = {key: cond.cond for key, cond in conds.items()}
 
-    def _model_velocity(self, x: torch.Tensor, sigma: float, pass_name: str, emotion_tokens: torch.Tensor
-                        ) -> torch.Tensor:
+    def _model_velocity(self, x: torch.Tensor, sigma: float, pass_name: str, emotion_tokens: torch.Tensor,
+                        probe: BlockProbe | None = None) -> torch.Tensor:
         conds = self.conds[pass_name]
         ip_scale = self.emotion.ip_scale if pass_name == "posi" else 0.0
         options = dict(self.base_options)
         options[EMOTION_OPTIONS_KEY] = EmotionPass(tokens=emotion_tokens, ip_scale=ip_scale)
+        if probe is not None and pass_name == "posi":
+            options[BLOCK_PROBE_KEY] = probe
         frames = x.shape[2]
         c_concat = conds["c_concat"][:, :, :frames].to(self.device)
         sigma_t = torch.full((x.shape[0],), sigma, device=self.device)
@@ -101,21 +112,68 @@ class GuidedWanVelocity:
         # ComfyUI's flow models return x0 = x - sigma * v; the core integrates v.
         return (x.to(self.device) - denoised.float()) / sigma
 
-    def __call__(self, x: torch.Tensor, sigma: float, window: int, step: int) -> torch.Tensor:
+    def guided(self, x: torch.Tensor, sigma: float, window: int, probe: BlockProbe | None = None
+               ) -> torch.Tensor:
+        """All guided passes of one window at one noise level, combined."""
         comfy.model_management.throw_exception_if_processing_interrupted()
         start, end = self.plan.windows[window]
         tokens = self.emotion.latent_tokens[start:end].unsqueeze(0).to(self.device)
-        predictions = {name: self._model_velocity(x, sigma, name, tokens) for name in self.passes}
+        predictions = {name: self._model_velocity(x, sigma, name, tokens, probe) for name in self.passes}
         self.report.model_passes[window] += len(self.passes)
+        return combine_guidance(predictions, self.emotion.emo_cfg, self.emotion.text_cfg).to(x.device)
+
+    def __call__(self, x: torch.Tensor, sigma: float, window: int, step: int) -> torch.Tensor:
+        velocity = self.guided(x, sigma, window)
         if self.progress is not None:
             self.progress.update(1)
-        return combine_guidance(predictions, self.emotion.emo_cfg, self.emotion.text_cfg).to(x.device)
+        return velocity
+
+
+def probe_blocks(num_blocks: int, count: int = 6) -> tuple[int, ...]:
+    """Up to ``count`` block indices spread evenly from the first block to the last."""
+    if num_blocks <= count:
+        return tuple(range(num_blocks))
+    return tuple(round(i * (num_blocks - 1) / (count - 1)) for i in range(count))
+
+
+class AcceleratedVelocity:
+    """Adaptive Latent Prediction around the guided model: each window forecasts the steps it skips.
+
+    Each window keeps its own ALP state. At computed steps the patched blocks report a strided sample of
+    their outputs, whose change since the window's previous computed step feeds ALP's layer-aware dial.
+    The core sampler blends velocities, so a window's ALP step is handed back as the velocity that moves
+    its latents to the same place.
+    """
+
+    def __init__(self, guided: GuidedWanVelocity, sigmas: torch.Tensor, config: ALPConfig, num_blocks: int):
+        self.guided = guided
+        self.states = [new_window_state(sigmas, config) for _ in guided.plan.windows]
+        guided.report.alp_states = self.states
+        self.blocks = probe_blocks(num_blocks)
+        self.previous_outputs: list[list[torch.Tensor] | None] = [None] * len(self.states)
+
+    def __call__(self, x: torch.Tensor, sigma: float, window: int, step: int) -> torch.Tensor:
+        state = self.states[window]
+        probe = BlockProbe(self.blocks)
+
+        def block_changes() -> list[float] | None:
+            current = [probe.outputs[i] for i in self.blocks if i in probe.outputs]
+            previous, self.previous_outputs[window] = self.previous_outputs[window], current
+            if previous is None or len(current) < 2 or len(previous) != len(current):
+                return None
+            return block_change_magnitudes(previous, current)
+
+        x_next, _ = alp_step(state, x, step, lambda latents, s: self.guided.guided(latents, s, window, probe),
+                             block_changes)
+        if self.guided.progress is not None:
+            self.guided.progress.update(1)
+        return (x_next - x) / (state.sigmas[step + 1] - state.sigmas[step])
 
 
 def run_flashportrait_sampling(model_patcher, vae, positive: torch.Tensor, negative: torch.Tensor,
                                clip_vision_output, reference: torch.Tensor, emotion: EmotionConditioning,
-                               plan: WindowPlan, seed: int, steps: int, shift: float, height: int, width: int
-                               ) -> tuple[torch.Tensor, SamplingReport]:
+                               plan: WindowPlan, seed: int, steps: int, shift: float, height: int, width: int,
+                               alp: ALPConfig | None = None) -> tuple[torch.Tensor, SamplingReport]:
     """Sample all latent frames window by window; returns latents in VAE space [1, 16, L, h, w] and a report."""
     started = time.perf_counter()
     concat_latent, concat_mask = reference_condition(vae, reference, height, width, plan.window_length)
@@ -124,9 +182,12 @@ def run_flashportrait_sampling(model_patcher, vae, positive: torch.Tensor, negat
     progress = comfy.utils.ProgressBar(steps * len(plan.windows))
     velocity = GuidedWanVelocity(model_patcher, positive, negative, clip_vision_output, concat_latent,
                                  concat_mask, emotion, plan, report, progress)
+    sigmas = flow_sigmas(steps, shift)
+    if alp is not None and alp.enabled:
+        velocity = AcceleratedVelocity(velocity, sigmas, alp, len(model_patcher.model.diffusion_model.blocks))
     generator = torch.Generator("cpu").manual_seed(seed)
     noise = torch.randn((1, 16, plan.num_frames, height // 8, width // 8), generator=generator)
-    latents = sample_flow_windows(noise.to(velocity.device), flow_sigmas(steps, shift), plan, velocity)
+    latents = sample_flow_windows(noise.to(model_patcher.load_device), sigmas, plan, velocity)
     report.seconds = time.perf_counter() - started
     latents = model_patcher.model.process_latent_out(latents.cpu())
     return latents, report

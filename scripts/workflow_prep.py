@@ -62,6 +62,7 @@ class Settings:
     window_length: int = 51
     window_overlap: int = 30
     max_frames: int = 0  # 0: every driving frame
+    acceleration: str = "off"  # ALP preset: off, quality, balanced, fast
     filename_prefix: str = "video/FlashPortrait"
 
 
@@ -129,7 +130,7 @@ def prepare_prompt(prompt: dict, models: ModelFiles, reference_image: str, drivi
     set_if_present("FlashPortraitExtractExpressionsFromVideo", video=driving_video, max_frames=settings.max_frames)
     set_inputs("FlashPortraitWindows", window_length=settings.window_length, overlap=settings.window_overlap)
     set_inputs("FlashPortraitSampler", seed=settings.seed, steps=settings.steps, shift=settings.shift,
-               max_side=settings.max_side)
+               max_side=settings.max_side, acceleration=settings.acceleration)
     set_if_present("SaveVideo", filename_prefix=settings.filename_prefix)
     set_if_present("FlashPortraitDecodeToVideo", filename_prefix=settings.filename_prefix)
     if models.precomputed_conditioning:

@@ -18,6 +18,7 @@ from flashportrait_pack.flashportrait_core.checkpoints import CheckpointError  #
 loaders = pack.nodes.loaders
 conditioning_nodes = pack.nodes.conditioning
 wan_runner = pack.nodes.wan_runner
+alp_core = pack.flashportrait_core.alp
 windows_node = pack.nodes.windows
 
 
@@ -84,14 +85,14 @@ def _emotion(num_latent, ip_scale=1.0, emo_cfg=4.0, text_cfg=1.0, seed=0):
                                text_cfg=text_cfg)
 
 
-def _sample(model, vae, emotion, seed=7, steps=3, length=4, overlap=2):
+def _sample(model, vae, emotion, seed=7, steps=3, length=4, overlap=2, alp=None):
     positive, negative, clip_output = conditioning_nodes.FlashPortraitLoadConditioning.execute(
         "tiny_prompt.safetensors").result
     reference = torch.rand(1, 40, 30, 3, generator=torch.Generator().manual_seed(1))
     plan = plan_windows(emotion.num_latent_frames, length, overlap)
     height, width = wan_runner.generation_size(40, 30, 32)
     return wan_runner.run_flashportrait_sampling(model, vae, positive[0][0], negative[0][0], clip_output,
-                                                 reference, emotion, plan, seed, steps, 5.0, height, width)
+                                                 reference, emotion, plan, seed, steps, 5.0, height, width, alp)
 
 
 class CountingModel:
@@ -150,3 +151,29 @@ def test_generation_size_follows_the_published_rounding():
 def test_window_node_refuses_overlap_not_below_length():
     assert windows_node.FlashPortraitWindows.validate_inputs(5, 5) != True  # noqa: E712
     assert windows_node.FlashPortraitWindows.validate_inputs(5, 4) is True
+
+
+def test_alp_off_is_bit_identical_to_the_plain_sampler(tiny_model, tiny_vae):
+    plain, _ = _sample(tiny_model, tiny_vae, _emotion(5))
+    off, report = _sample(tiny_model, tiny_vae, _emotion(5), alp=alp_core.preset("off"))
+    assert torch.equal(plain, off)
+    assert "ALP" not in report.text()
+
+
+def test_alp_skips_passes_and_reports_the_true_count(tiny_model, tiny_vae):
+    steps = 12
+    with CountingModel(tiny_model) as counter:
+        fast, report = _sample(tiny_model, tiny_vae, _emotion(7), steps=steps, alp=alp_core.preset("fast"))
+    assert counter.calls == sum(report.model_passes)
+    full_passes = 3 * steps * 2  # windows x steps x guided passes
+    assert counter.calls < full_passes / 2
+    for state, passes in zip(report.alp_states, report.model_passes):
+        counts = state.report()
+        assert counts["computed"] + counts["skipped"] == steps
+        assert passes == 2 * counts["computed"]  # each computed step runs both guided passes
+        assert counts["computed_steps"][0] == 0 and counts["computed_steps"][-1] == steps - 1
+    assert "skipped" in report.text() and torch.isfinite(fast).all()
+    again, _ = _sample(tiny_model, tiny_vae, _emotion(7), steps=steps, alp=alp_core.preset("fast"))
+    assert torch.equal(fast, again)
+    # The layer-aware dial saw block outputs from the patched blocks at computed steps.
+    assert any(state.layer_ratios for state in report.alp_states)

@@ -118,7 +118,7 @@ def _block_inputs(dim, frames=3, per_frame=4, tokens=6, token_dim=32, batch=2, s
 
 
 def _run_patched(block, x, e, freqs, context, emotion):
-    patch = wan_patch.EmotionBlockPatch(block)
+    patch = wan_patch.EmotionBlockPatch(block, 0)
     options = {wan_patch.EMOTION_OPTIONS_KEY: emotion} if emotion is not None else {}
 
     def original(args):
