@@ -11,10 +11,11 @@ from comfy_api.latest import io
 
 from ..flashportrait_core.expression.extract import (extract_expression_features,
                                                      extract_expression_features_from_video)
-from ..flashportrait_core.expression.mediapipe_backend import MediaPipeFaceBackend
+from ..flashportrait_core.expression.backends import resolve_face_backend
 from ..flashportrait_core.expression.preview import (draw_face_overlay, face_tracks_for_frames,
                                                      plot_expression_curves)
 from . import types
+from .loaders import insightface_roots
 
 SMOOTHING_TOOLTIP = ("Temporal smoothing of the face points (one-euro filter, run forward and backward so it adds "
                      "no delay): 0 = off, 1 = strongest. Steadies the face crop on a still head while fast "
@@ -26,18 +27,28 @@ def smoothing_input() -> io.Float.Input:
 
 
 class _Extraction:
-    """Runs one extraction with the expression model on ComfyUI's device, with progress and interruption."""
+    """Runs one extraction with the expression model on ComfyUI's device, with its face backend, progress and
+    interruption."""
 
     def __init__(self, expression_model, total_frames: int) -> None:
         self.model = expression_model
         self.progress = comfy.utils.ProgressBar(max(total_frames, 1))
+        self.choice = expression_model.backend or resolve_face_backend(expression_model.face_backend,
+                                                                       insightface_roots())
 
     def __enter__(self) -> _Extraction:
-        self.encoder = self.model.encoder.to(comfy.model_management.get_torch_device())
+        device = comfy.model_management.get_torch_device()
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else None
+        self.backend = self.choice.create(providers=providers)
+        self.encoder = self.model.encoder.to(device)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.model.encoder.to(comfy.model_management.unet_offload_device())
+        self.backend.close()
+
+    def report(self, expressions) -> str:
+        return f"{expressions.report()}; faces: {self.choice.description}"
 
     def on_progress(self, done: int, total: int) -> None:
         self.progress.update_absolute(done, total)
@@ -81,11 +92,11 @@ class FlashPortraitExtractExpressions(io.ComfyNode):
                 smoothing: float = 0.5, fps: float | None = None) -> io.NodeOutput:
         if max_frames > 0:
             driving_frames = driving_frames[:max_frames]
-        with _Extraction(expression_model, driving_frames.shape[0]) as run, MediaPipeFaceBackend() as backend:
+        with _Extraction(expression_model, driving_frames.shape[0]) as run:
             expressions = extract_expression_features(
-                driving_frames, run.encoder, backend, batch_size=batch_size, smoothing=smoothing,
+                driving_frames, run.encoder, run.backend, batch_size=batch_size, smoothing=smoothing,
                 fps=float(fps) if fps else 25.0, on_progress=run.on_progress, should_stop=run.should_stop)
-        return io.NodeOutput(expressions, expressions.report())
+        return io.NodeOutput(expressions, run.report(expressions))
 
 
 def input_videos() -> list[str]:
@@ -178,13 +189,13 @@ class FlashPortraitExtractExpressionsFromVideo(io.ComfyNode):
                 smoothing: float = 0.5, target_fps: float = 25.0, path: str | None = None) -> io.NodeOutput:
         file_path = resolve_video_path(video, path)
         # The progress total is set by the first update, from the container's frame count.
-        with _Extraction(expression_model, 1) as run, MediaPipeFaceBackend() as backend:
+        with _Extraction(expression_model, 1) as run:
             expressions = extract_expression_features_from_video(
-                file_path, run.encoder, backend, batch_size=batch_size, smoothing=smoothing,
+                file_path, run.encoder, run.backend, batch_size=batch_size, smoothing=smoothing,
                 max_frames=max_frames or None, target_fps=target_fps or None,
                 on_progress=run.on_progress, should_stop=run.should_stop)
         return io.NodeOutput(expressions, float(expressions.fps), int(expressions.features.shape[0]),
-                             f"{os.path.basename(file_path)}: {expressions.report()}")
+                             f"{os.path.basename(file_path)}: {run.report(expressions)}")
 
 
 class FlashPortraitPreviewFaces(io.ComfyNode):

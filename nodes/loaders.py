@@ -1,6 +1,7 @@
 """Loader nodes: the FlashPortrait DiT (into ComfyUI's Wan model), the portrait encoder, the expression model."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import comfy.sd
@@ -9,6 +10,7 @@ import torch
 from comfy_api.latest import io
 
 from ..flashportrait_core.checkpoints import CheckpointError, load_state_dict, merge_flashportrait_dit
+from ..flashportrait_core.expression.backends import BACKEND_CHOICES, FaceBackendChoice, resolve_face_backend
 from ..flashportrait_core.expression.pdfgc import load_fan_encoder
 from ..flashportrait_core.portrait_encoder import load_portrait_encoder
 from . import types
@@ -94,7 +96,16 @@ class FlashPortraitPortraitEncoderLoader(io.ComfyNode):
 @dataclass(frozen=True)
 class ExpressionModel:
     encoder: torch.nn.Module  # PD-FGC FanEncoder, eval mode
-    face_backend: str
+    face_backend: str  # the choice made in the loader: auto, mediapipe or insightface
+    backend: FaceBackendChoice | None = None  # what runs (resolved when loaded); None: resolve when used
+
+
+def insightface_roots() -> list[str]:
+    """Folders holding insightface packs: a registered `insightface` model folder, else models/insightface."""
+    roots = list(folder_paths.get_folder_paths("insightface")) if "insightface" in \
+        folder_paths.folder_names_and_paths else []
+    default = os.path.join(folder_paths.models_dir, "insightface")
+    return roots + ([default] if default not in roots else [])
 
 
 class FlashPortraitExpressionModelLoader(io.ComfyNode):
@@ -108,18 +119,22 @@ class FlashPortraitExpressionModelLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("expression_encoder", options=folder_paths.get_filename_list(WEIGHTS_FOLDER),
                                tooltip="FlashPortrait's pd_fpg.pth (models/flashportrait)."),
-                io.Combo.Input("face_backend", options=["mediapipe"], default="mediapipe",
-                               tooltip="Face detector giving the 5 alignment points. MediaPipe runs offline "
-                                       "on the CPU (pip install mediapipe==0.10.21)."),
+                io.Combo.Input("face_backend", options=list(BACKEND_CHOICES), default="auto",
+                               tooltip="Face detector giving the 5 alignment points. mediapipe: offline on the "
+                                       "CPU (pip install mediapipe==0.10.21). insightface: SCRFD from a pack in "
+                                       "models/insightface/models/<pack>/ (e.g. buffalo_l), run by onnxruntime. "
+                                       "auto: insightface when a pack is there, else mediapipe."),
             ],
             outputs=[types.ExpressionModel.Output()],
         )
 
     @classmethod
     def execute(cls, expression_encoder: str, face_backend: str) -> io.NodeOutput:
+        backend = resolve_face_backend(face_backend, insightface_roots())  # fails early, saying what is missing
         state_dict = load_state_dict(model_file(WEIGHTS_FOLDER, expression_encoder))
         try:
             encoder = load_fan_encoder(state_dict)
         except ValueError as error:
             raise CheckpointError(f"{expression_encoder}: {error}") from None
-        return io.NodeOutput(ExpressionModel(encoder=encoder.float().eval(), face_backend=face_backend))
+        return io.NodeOutput(ExpressionModel(encoder=encoder.float().eval(), face_backend=face_backend,
+                                             backend=backend))

@@ -51,7 +51,8 @@ def test_file_node_runs_and_is_cached_until_the_file_changes(comfy_server) -> No
 
     first = run(_prompt(video.name))
     assert _text(first, "3") == ("expression_cache_test.mp4: 3 frames, face found in 3, 0 filled by "
-                                 "interpolation; 25 fps, resampled from 4 frames at 30 fps; smoothing 0.5")
+                                 "interpolation; 25 fps, resampled from 4 frames at 30 fps; smoothing 0.5; "
+                                 "faces: mediapipe")
     assert _text(first, "4") == "3"
     assert not {"1", "2"} & _cached_nodes(first)
     # The same graph again: nothing is recomputed.
@@ -59,7 +60,7 @@ def test_file_node_runs_and_is_cached_until_the_file_changes(comfy_server) -> No
     # Another setting: the extraction runs again, the model loader stays cached.
     changed = run(_prompt(video.name, smoothing=0.25))
     assert "1" in _cached_nodes(changed) and "2" not in _cached_nodes(changed)
-    assert _text(changed, "3").endswith("smoothing 0.25")
+    assert _text(changed, "3").endswith("smoothing 0.25; faces: mediapipe")
     # The file replaced under the same name (new content, new modification time): extraction runs again.
     shutil.copy(DRIVING / "lp_d0.mp4", video)  # 25 fps
     stat = video.stat()

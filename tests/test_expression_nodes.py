@@ -87,7 +87,7 @@ def test_file_node_outputs(input_dir: Path, expression_model) -> None:
     assert (fps, frame_count) == (25.0, 3)
     assert expressions.features.shape == (3, 554) and torch.isfinite(expressions.features).all()
     assert report == "talking.mp4: 3 frames, face found in 3, 0 filled by interpolation; 25 fps, resampled from " \
-                     "4 frames at 30 fps; smoothing 0.5"
+                     "4 frames at 30 fps; smoothing 0.5; faces: mediapipe"
 
 
 def test_frames_node_uses_smoothing_and_fps(expression_model) -> None:
@@ -97,7 +97,7 @@ def test_frames_node_uses_smoothing_and_fps(expression_model) -> None:
                                        max_frames=0, smoothing=0.3, fps=fps).result
     assert expressions.features.shape == (3, 554)
     assert (expressions.fps, expressions.smoothing) == (25.0, 0.3)
-    assert report == "3 frames, face found in 3, 0 filled by interpolation; 25 fps; smoothing 0.3"
+    assert report == "3 frames, face found in 3, 0 filled by interpolation; 25 fps; smoothing 0.3; faces: mediapipe"
 
 
 def test_preview_nodes_return_images(expression_model) -> None:
@@ -111,3 +111,15 @@ def test_preview_nodes_return_images(expression_model) -> None:
                                                                      height=480).result
     assert plot.shape == (1, 480, 640, 3) and plot.dtype == torch.float32
     assert 0.0 <= float(plot.min()) and float(plot.max()) <= 1.0 and float(plot.std()) > 0.02
+
+
+def test_loader_reports_a_missing_insightface_pack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    backends = pack.flashportrait_core.expression.backends
+    monkeypatch.setattr(backends, "import_onnxruntime", lambda: None)  # as if installed: the pack is what's missing
+    monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path / "models"))
+    loader = pack.nodes.loaders.FlashPortraitExpressionModelLoader
+    with pytest.raises(FileNotFoundError) as raised:
+        loader.execute(expression_encoder="pd_fpg.pth", face_backend="insightface")
+    assert f"put the pack's files in {tmp_path / 'models' / 'insightface' / 'models' / 'buffalo_l'}/" in \
+        str(raised.value)
+    assert pack.nodes.loaders.insightface_roots() == [str(tmp_path / "models" / "insightface")]

@@ -1,4 +1,4 @@
-"""What a face backend returns, and the interface every backend offers."""
+"""What a face backend returns, the interface every backend offers, and how one face is followed."""
 
 from __future__ import annotations
 
@@ -8,6 +8,13 @@ from typing import Protocol
 import numpy as np
 
 POINT_NAMES = ("left_pupil", "right_pupil", "nose_tip", "left_mouth_corner", "right_mouth_corner")
+
+# A face is the one followed when its centre is within this many (previous) face sizes of where that face was
+# last seen and its size is within this factor: generous enough for fast head motion, far below the distance
+# between two people side by side.
+FOLLOW_MAX_DISTANCE = 0.6
+FOLLOW_MAX_SIZE_RATIO = 1.8
+REACQUIRE_AFTER_FRAMES = 12
 
 
 @dataclass
@@ -45,6 +52,60 @@ class FaceTrack:
             boxes=np.concatenate([t.boxes for t in tracks]),
             found=np.concatenate([t.found for t in tracks]),
         )
+
+
+def box_area(box: np.ndarray) -> float:
+    return float(max(box[2] - box[0], 0.0) * max(box[3] - box[1], 0.0))
+
+
+def _box_size(box: np.ndarray) -> float:
+    return float(max(box[2] - box[0], box[3] - box[1], 1e-6))
+
+
+def follows(previous: np.ndarray, candidate: np.ndarray) -> float | None:
+    """How far `candidate` is from the followed face's `previous` box (in previous face sizes), or None when it
+    is too far or too different in size to be the same face."""
+    size, candidate_size = _box_size(previous), _box_size(candidate)
+    distance = float(np.linalg.norm((candidate[:2] + candidate[2:]) / 2 - (previous[:2] + previous[2:]) / 2)) / size
+    ratio = max(candidate_size / size, size / candidate_size)
+    if distance > FOLLOW_MAX_DISTANCE or ratio > FOLLOW_MAX_SIZE_RATIO:
+        return None
+    return distance
+
+
+def choose_face(boxes: list[np.ndarray], previous: np.ndarray | None) -> int | None:
+    """Index of the face to keep: the one following `previous` (nearest), or the largest when nothing is
+    followed yet. None when a face is followed and none of the candidates is it."""
+    if not boxes:
+        return None
+    if previous is None:
+        return max(range(len(boxes)), key=lambda index: box_area(boxes[index]))
+    distances = [(follows(previous, box), index) for index, box in enumerate(boxes)]
+    matching = [(distance, index) for distance, index in distances if distance is not None]
+    return min(matching)[1] if matching else None
+
+
+class FaceFollower:
+    """Keeps one face through a video for detectors that see each frame alone: the largest face at the start,
+    then the face following it (`choose_face`); forgotten after REACQUIRE_AFTER_FRAMES frames out of sight."""
+
+    def __init__(self) -> None:
+        self.followed: np.ndarray | None = None
+        self.frames_unseen = 0
+
+    def reset(self) -> None:
+        self.followed, self.frames_unseen = None, 0
+
+    def choose(self, boxes: list[np.ndarray]) -> int | None:
+        """Index of the face to keep among this frame's boxes (None: the followed face is not there)."""
+        chosen = choose_face(boxes, self.followed)
+        if chosen is not None:
+            self.followed, self.frames_unseen = np.asarray(boxes[chosen], dtype=np.float64), 0
+        else:
+            self.frames_unseen += 1
+            if self.frames_unseen >= REACQUIRE_AFTER_FRAMES:
+                self.reset()
+        return chosen
 
 
 class FaceBackend(Protocol):

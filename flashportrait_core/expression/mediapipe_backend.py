@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .face_track import FaceTrack
+from .face_track import REACQUIRE_AFTER_FRAMES, FaceTrack, box_area, choose_face
 
 MESH_POINT_INDICES = (468, 473, 1, 61, 291)
 MEDIAPIPE_PIN = "mediapipe==0.10.21"
@@ -28,12 +28,6 @@ MIN_WINDOW_PIXELS = 256
 # Re-centre the window when the face drifts this far (fraction of the side) or changes size this much.
 WINDOW_DRIFT = 0.15
 WINDOW_RESIZE = 0.25
-# A face is the one followed when its centre is within this many (previous) face sizes of where that face was
-# last seen and its size is within this factor: generous enough for fast head motion, far below the distance
-# between two people side by side.
-FOLLOW_MAX_DISTANCE = 0.6
-FOLLOW_MAX_SIZE_RATIO = 1.8
-REACQUIRE_AFTER_FRAMES = 12
 
 
 class MediaPipeUnavailableError(ImportError):
@@ -70,10 +64,6 @@ def _box_of(landmarks: np.ndarray) -> np.ndarray:
     return np.concatenate([landmarks.min(axis=0), landmarks.max(axis=0)])
 
 
-def _box_area(box: np.ndarray) -> float:
-    return float(max(box[2] - box[0], 0.0) * max(box[3] - box[1], 0.0))
-
-
 def _window_around(box: np.ndarray, scale: float) -> np.ndarray:
     """Square window (x0, y0, side) centred on a face box."""
     side = max(box[2] - box[0], box[3] - box[1]) * scale
@@ -97,33 +87,6 @@ def _crop_window(frame: np.ndarray, window: np.ndarray) -> tuple[np.ndarray, flo
         scale = MIN_WINDOW_PIXELS / side
         crop = cv2.resize(crop, (MIN_WINDOW_PIXELS, MIN_WINDOW_PIXELS), interpolation=cv2.INTER_CUBIC)
     return np.ascontiguousarray(crop), scale
-
-
-def _box_size(box: np.ndarray) -> float:
-    return float(max(box[2] - box[0], box[3] - box[1], 1e-6))
-
-
-def follows(previous: np.ndarray, candidate: np.ndarray) -> float | None:
-    """How far `candidate` is from the followed face's `previous` box (in previous face sizes), or None when it
-    is too far or too different in size to be the same face."""
-    size, candidate_size = _box_size(previous), _box_size(candidate)
-    distance = float(np.linalg.norm((candidate[:2] + candidate[2:]) / 2 - (previous[:2] + previous[2:]) / 2)) / size
-    ratio = max(candidate_size / size, size / candidate_size)
-    if distance > FOLLOW_MAX_DISTANCE or ratio > FOLLOW_MAX_SIZE_RATIO:
-        return None
-    return distance
-
-
-def choose_face(boxes: list[np.ndarray], previous: np.ndarray | None) -> int | None:
-    """Index of the face to keep: the one following `previous` (nearest), or the largest when nothing is
-    followed yet. None when a face is followed and none of the candidates is it."""
-    if not boxes:
-        return None
-    if previous is None:
-        return max(range(len(boxes)), key=lambda index: _box_area(boxes[index]))
-    distances = [(follows(previous, box), index) for index, box in enumerate(boxes)]
-    matching = [(distance, index) for distance, index in distances if distance is not None]
-    return min(matching)[1] if matching else None
 
 
 def _window_still_fits(window: np.ndarray, box: np.ndarray) -> bool:
