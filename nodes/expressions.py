@@ -9,9 +9,9 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
+from ..flashportrait_core.expression.backends import resolve_face_backend
 from ..flashportrait_core.expression.extract import (extract_expression_features,
                                                      extract_expression_features_from_video)
-from ..flashportrait_core.expression.backends import resolve_face_backend
 from ..flashportrait_core.expression.preview import (draw_face_overlay, face_tracks_for_frames,
                                                      plot_expression_curves)
 from . import types

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flashportrait_core.expression import backends, insightface_backend
+from flashportrait_core.expression import backends
 from flashportrait_core.expression.backends import FaceBackendUnavailableError, resolve_face_backend
 from flashportrait_core.expression.face_track import REACQUIRE_AFTER_FRAMES, FaceFollower
 from flashportrait_core.expression.insightface_backend import (

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .face_track import REACQUIRE_AFTER_FRAMES, FaceTrack, box_area, choose_face
+from .face_track import REACQUIRE_AFTER_FRAMES, FaceTrack, choose_face
 
 MESH_POINT_INDICES = (468, 473, 1, 61, 291)
 MEDIAPIPE_PIN = "mediapipe==0.10.21"
