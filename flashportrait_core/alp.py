@@ -63,8 +63,6 @@ class ALPConfig:
     pace: float = 1.0
     integration: str = "polynomial"
     layer_ratio_limit: float = 1.5
-    order_selection: bool = False
-    sigma_power: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.max_order <= 4:
@@ -207,15 +205,6 @@ def forecast_increment(state: ALPWindowState, step_index: int) -> tuple[torch.Te
     if len(nodes) == 1:
         return (s_next - s_now) * values[0], None
     coefficients = divided_differences(nodes, values)
-    if state.config.order_selection and len(nodes) > 2:
-        # Keep Newton terms while they shrink at this step; a growing term means the older
-        # velocities belong to another regime of the trajectory.
-        at = newton_basis_values(nodes, s_now)
-        sizes = [_rms(c) * abs(b) for c, b in zip(coefficients, at)]
-        keep = 2
-        while keep < len(nodes) and sizes[keep] <= sizes[keep - 1]:
-            keep += 1
-        nodes, coefficients = nodes[:keep], coefficients[:keep]
     integrals = newton_basis_integrals(nodes, s_now, s_next)
     top = integrals[-1] * state.top_term_scale * coefficients[-1]
     mode = state.config.integration
@@ -263,7 +252,6 @@ def should_compute(state: ALPWindowState, x: torch.Tensor, step_index: int) -> t
         return (not too_early and movement > cfg.first_trust), 0.0
     _, top = forecast_increment(state, step_index)
     added = _rms(top) / scale if top is not None else 0.0
-    added /= max(state.sigmas[step_index], 1e-6) ** cfg.sigma_power
     return (not too_early and state.error_estimate + added > cfg.error_tolerance), added
 
 
