@@ -53,11 +53,12 @@ class SamplingReport:
     steps: int
     model_passes: list[int] = field(default_factory=list)  # DiT passes per window, counted as they run
     alp_states: list[ALPWindowState] = field(default_factory=list)  # empty when ALP is off
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole sampler node
+    denoise_seconds: float = 0.0  # the window loop alone (without encoding the reference)
 
     def text(self) -> str:
         lines = [f"{len(self.windows)} window(s) x {self.steps} steps, {sum(self.model_passes)} DiT passes, "
-                 f"{self.seconds:.1f} s"]
+                 f"{self.seconds:.1f} s (denoising {self.denoise_seconds:.1f} s)"]
         for k, ((start, end), passes) in enumerate(zip(self.windows, self.model_passes)):
             line = f"  window {k}: latent frames {start}-{end - 1}, {passes} DiT passes"
             if self.alp_states:
@@ -187,7 +188,9 @@ def run_flashportrait_sampling(model_patcher, vae, positive: torch.Tensor, negat
         velocity = AcceleratedVelocity(velocity, sigmas, alp, len(model_patcher.model.diffusion_model.blocks))
     generator = torch.Generator("cpu").manual_seed(seed)
     noise = torch.randn((1, 16, plan.num_frames, height // 8, width // 8), generator=generator)
+    denoise_started = time.perf_counter()
     latents = sample_flow_windows(noise.to(model_patcher.load_device), sigmas, plan, velocity)
+    report.denoise_seconds = time.perf_counter() - denoise_started
     report.seconds = time.perf_counter() - started
     latents = model_patcher.model.process_latent_out(latents.cpu())
     return latents, report
