@@ -62,7 +62,7 @@ class Settings:
     window_length: int = 51
     window_overlap: int = 30
     max_frames: int = 0  # 0: every driving frame
-    acceleration: str = "off"  # ALP preset: off, quality, balanced, fast
+    acceleration: str = "quality"  # ALP preset: off, quality, balanced, fast
     filename_prefix: str = "video/FlashPortrait"
 
 

@@ -33,7 +33,7 @@ def basic_run(comfy_server, comfy_object_info):
     prompt = comfy_client.ui_to_api(load_ui_workflow(), comfy_object_info)
     # 34 driving frames -> trimmed to 33 = 4*8 + 1 -> 9 latent frames -> windows (0,4) (2,6) (4,8) (5,9).
     settings = Settings(seed=3, steps=3, max_side=64, window_length=4, window_overlap=2, max_frames=34,
-                        filename_prefix="video/graph_basic")
+                        acceleration="off", filename_prefix="video/graph_basic")
     prepare_prompt(prompt, TINY_MODELS, REFERENCE.name, DRIVING.name, settings)
     entry = comfy_client.run_prompt(comfy_server.url, prompt, timeout=900, is_alive=comfy_server.is_running)
     return prompt, entry
