@@ -374,13 +374,18 @@ def plot(rows, full_vs_conv: float, seeds: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.5))
     names = list(dict.fromkeys(r[1] for r in rows))
-    for name in names:
+    palette = plt.get_cmap("tab20").colors
+    alp_styles = {"ALP": "-", "ALP, Euler with forecast v": "--", "ALP, stale v": ":"}
+    for index, name in enumerate(names):
         pts = sorted((r[2], r[3], r[4]) for r in rows if r[1] == name)
-        style = dict(lw=2.5, color="black") if name == "ALP" else dict(lw=1, alpha=0.8)
+        if name in alp_styles:
+            style = dict(lw=2.5 if name == "ALP" else 1.5, color="black", ls=alp_styles[name])
+        else:
+            style = dict(lw=1.2, color=palette[index % len(palette)], ls=":" if "†" in name else "-")
         for ax, k in zip(axes, (1, 2)):
-            ax.plot([p[0] for p in pts], [p[k] for p in pts], marker="o", label=name, **style)
+            ax.plot([p[0] for p in pts], [p[k] for p in pts], marker="o", ms=4, label=name, **style)
     axes[0].axhline(30.0, color="red", ls=":", lw=1, label="bar at 5 evals (30 dB)")
     axes[1].axhline(full_vs_conv, color="gray", ls=":", lw=1, label="full 30-step run")
     for ax, title in zip(axes, ("vs full (30 Euler steps)", "vs converged (400 Euler steps)")):
@@ -388,7 +393,7 @@ def plot(rows, full_vs_conv: float, seeds: str, path: Path) -> None:
         ax.set_ylabel("PSNR (dB)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="lower right")
+    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(f"ALP closed-form testbed: quality vs cost (report seeds {seeds})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
