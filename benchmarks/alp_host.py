@@ -1,0 +1,91 @@
+"""ALP on the real host: the shipped basic workflow with the tiny models, every acceleration preset.
+
+Starts one ComfyUI server, runs the workflow once to warm its caches (the expression extraction and the
+model loads are then reused: only the sampler runs again), then for each repeat seed runs every preset
+and reads the sampler's report: DiT passes and the wall time of its window loop. Prints one table with medians and
+the ratios to the full run, measured in the same run.
+
+    .venv/bin/python benchmarks/alp_host.py [--steps 30] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from scripts import comfy_client, host  # noqa: E402
+from scripts.make_tiny_models import write_tiny_models  # noqa: E402
+from scripts.workflow_prep import TINY_MODELS, Settings, load_ui_workflow, prepare_prompt  # noqa: E402
+
+DATA = REPO_ROOT.parent / "shared" / "data"
+REFERENCE = DATA / "reference" / "fp_case1.png"
+DRIVING = DATA / "driving" / "lp_d0.mp4"
+PRESETS = ("off", "quality", "balanced", "fast")
+REPORT = re.compile(r"(\d+) window\(s\) x (\d+) steps, (\d+) DiT passes, [\d.]+ s \(denoising ([\d.]+) s\)")
+
+
+def sampler_report(prompt: dict, entry: dict) -> tuple[int, float, str]:
+    for node_id, output in entry["outputs"].items():
+        if prompt[node_id]["_meta"]["title"] == "Sampler report":
+            text = "".join(output["text"])
+            match = REPORT.search(text)
+            return int(match.group(3)), float(match.group(4)), text
+    raise RuntimeError("the workflow produced no sampler report")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-side", type=int, default=128)
+    args = parser.parse_args()
+
+    models_dir = REPO_ROOT / ".models" / "tiny"
+    write_tiny_models(models_dir)
+    comfy_dir = host.provision(log=lambda message: None)
+    results: dict[str, list[tuple[int, float]]] = {name: [] for name in PRESETS}
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        with host.start_server(models_dir, work / "in", work / "out", work / "tmp", comfyui_dir=comfy_dir) as server:
+            shutil.copy(REFERENCE, server.input_dir / REFERENCE.name)
+            shutil.copy(DRIVING, server.input_dir / DRIVING.name)
+            info = comfy_client.object_info(server.url)
+
+            def run(preset: str, seed: int) -> tuple[int, float, str]:
+                prompt = comfy_client.ui_to_api(load_ui_workflow(), info)
+                settings = Settings(seed=seed, steps=args.steps, max_side=args.max_side, window_length=8,
+                                    window_overlap=4, max_frames=49, acceleration=preset,
+                                    filename_prefix=f"video/alp_{preset}")
+                prepare_prompt(prompt, TINY_MODELS, REFERENCE.name, DRIVING.name, settings)
+                entry = comfy_client.run_prompt(server.url, prompt, timeout=3600, is_alive=server.is_running)
+                return sampler_report(prompt, entry)
+
+            run("off", 10_000)  # warm-up: extraction, model loads
+            for repeat in range(args.repeats):
+                for preset in PRESETS:
+                    passes, seconds, text = run(preset, repeat)
+                    results[preset].append((passes, seconds))
+                    if repeat == 0:
+                        print(f"--- {preset}\n{text}")
+
+    full_passes = statistics.median(p for p, _ in results["off"])
+    full_seconds = statistics.median(s for _, s in results["off"])
+    print(f"\nbasic workflow, tiny models, 49 driving frames -> 13 latent frames, windows 8/4, "
+          f"{args.steps} steps, {args.max_side}px; medians of {args.repeats} runs")
+    print(f"{'preset':<10} {'DiT passes':>10} {'passes ratio':>12} {'denoise s':>10} {'time ratio':>10}")
+    for preset in PRESETS:
+        passes = statistics.median(p for p, _ in results[preset])
+        seconds = statistics.median(s for _, s in results[preset])
+        print(f"{preset:<10} {passes:>10.0f} {full_passes / passes:>11.2f}x {seconds:>10.2f} "
+              f"{full_seconds / seconds:>9.2f}x")
+
+
+if __name__ == "__main__":
+    main()
