@@ -164,3 +164,23 @@ def test_expression_features_rejects_bad_crops() -> None:
         expression_features(encoder, torch.zeros(1, 3, 112, 112))
     with pytest.raises(ValueError, match="floating point"):
         expression_features(encoder, torch.zeros(1, 3, 224, 224, dtype=torch.uint8))
+
+
+def test_channels_last_micro_batches_give_the_same_features(random_state_dict: dict[str, torch.Tensor],
+                                                            real_crops: torch.Tensor) -> None:
+    from flashportrait_core.expression.pdfgc import CPU_MICRO_BATCH
+
+    encoder = load_fan_encoder(random_state_dict)
+    crops = torch.cat([real_crops, real_crops.flip(-1)[:2]])  # 6 crops
+    seen: list[int] = []
+    handle = encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    features = expression_features(encoder, crops)
+    handle.remove()
+    assert seen == [CPU_MICRO_BATCH, 6 - CPU_MICRO_BATCH]  # cache-sized micro-batches on the CPU
+    assert encoder.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    # The published layout (PyTorch's default), one forward per crop: the same numbers up to float rounding.
+    reference = load_fan_encoder(random_state_dict)
+    with torch.inference_mode():
+        parts = [reference(crop[None].contiguous()) for crop in crops]
+    expected = torch.cat([torch.cat([p["headpose"], p["eye"], p["emo"], p["mouth"]], dim=1) for p in parts])
+    torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-4)

@@ -156,7 +156,7 @@ def test_resampled_frame_is_found_only_when_its_sources_are() -> None:
 
 
 def test_chunks_stay_bounded_on_a_long_video(backend, monkeypatch: pytest.MonkeyPatch) -> None:
-    """At most two decoded chunks are alive at once, and the encoder never sees more than batch_size crops."""
+    """At most two decoded chunks are alive at once, and the encoder never sees more than a chunk of crops."""
     real_chunks = extract_module.iter_video_chunks
     most_alive = []
 
@@ -175,4 +175,5 @@ def test_chunks_stay_bounded_on_a_long_video(backend, monkeypatch: pytest.Monkey
     assert result.features.shape == (100, 554)
     assert len(most_alive) == 2 * 13  # 100 frames in chunks of 8, decoded twice
     assert max(most_alive) <= 2
-    assert encoder.batches == [8] * 12 + [4]
+    # Chunks of 8 crops; on the CPU the encoder runs them in micro-batches of 4.
+    assert sum(encoder.batches) == 100 and max(encoder.batches) == 4

@@ -182,11 +182,17 @@ def use_channels_last(encoder: nn.Module) -> nn.Module:
     return encoder
 
 
+# On a CPU the trunk's activations (256 channels at 56x56) of a few crops fit in cache and of many do not:
+# micro-batches of 4 ran 1.3x faster than 16 on the 2-core test machine (and 1.2x faster than one at a time).
+CPU_MICRO_BATCH = 4
+
+
 def expression_features(encoder: FanEncoder, crops: torch.Tensor) -> torch.Tensor:
     """Aligned crops [B, 3, 224, 224] in [-1, 1] -> features [B, 554] = headpose 6 | eye 6 | emo 30 | mouth 512.
 
     Runs in eval mode (BatchNorm running statistics) without autograd, in the encoder's device and dtype,
-    channels-last.
+    channels-last; on a CPU in micro-batches of CPU_MICRO_BATCH (each crop's features do not depend on the
+    others in eval mode).
     """
     _check_crops(crops)
     if encoder.training:
@@ -194,9 +200,13 @@ def expression_features(encoder: FanEncoder, crops: torch.Tensor) -> torch.Tenso
     use_channels_last(encoder)
     parameter = next(encoder.parameters())
     crops = crops.to(device=parameter.device, dtype=parameter.dtype).contiguous(memory_format=torch.channels_last)
+    step = CPU_MICRO_BATCH if parameter.device.type == "cpu" else crops.shape[0]
     with torch.inference_mode():
-        parts = encoder(crops)
-        return torch.cat([parts["headpose"], parts["eye"], parts["emo"], parts["mouth"]], dim=1)
+        features = []
+        for part in crops.split(step):
+            parts = encoder(part)
+            features.append(torch.cat([parts["headpose"], parts["eye"], parts["emo"], parts["mouth"]], dim=1))
+        return torch.cat(features)
 
 
 def load_fan_encoder(state_dict: Mapping[str, object]) -> FanEncoder:
