@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from flashportrait_core.expression import (
     VideoReadError,
@@ -21,21 +20,9 @@ from flashportrait_core.expression import (
 from flashportrait_core.expression.extract import align_chunk
 from flashportrait_core.expression.mediapipe_backend import MediaPipeFaceBackend
 
+from small_encoder import SmallEncoder  # noqa: E402
+
 DRIVING = Path(__file__).resolve().parents[1] / "../shared/data/driving"
-
-
-class SmallEncoder(nn.Module):
-    """The FanEncoder's interface at a tiny cost, for cases where only detection and shapes matter."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 4, kernel_size=16, stride=16)
-        self.head = nn.Linear(4, 554)
-
-    def forward(self, crops: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.head(self.conv(crops).mean(dim=(2, 3)))
-        return {"headpose": out[:, :6], "eye": out[:, 6:12], "emo": out[:, 12:42], "mouth": out[:, 42:]}
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from flashportrait_core.expression import extract_expression_features, read_video_frames, resample_expressions
 from flashportrait_core.expression.extract import ExpressionFeatures
@@ -23,21 +22,9 @@ from flashportrait_core.expression.preview import (
     plot_expression_curves,
 )
 
+from small_encoder import SmallEncoder  # noqa: E402
+
 DRIVING = Path(__file__).resolve().parents[1] / "../shared/data/driving"
-
-
-class SmallEncoder(nn.Module):
-    """The FanEncoder's interface at a tiny cost: these tests look at points and boxes, not at the features."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 4, kernel_size=16, stride=16)
-        self.head = nn.Linear(4, 554)
-
-    def forward(self, crops: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.head(self.conv(crops).mean(dim=(2, 3)))
-        return {"headpose": out[:, :6], "eye": out[:, 6:12], "emo": out[:, 12:42], "mouth": out[:, 42:]}
 
 
 @pytest.fixture(scope="module")
