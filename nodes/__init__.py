@@ -12,6 +12,7 @@ from .expressions import (FlashPortraitExtractExpressions, FlashPortraitExtractE
 from .loaders import (FlashPortraitExpressionModelLoader, FlashPortraitModelLoader,
                       FlashPortraitPortraitEncoderLoader)
 from .model_folders import register_model_folders
+from .routes import register_routes
 from .sampler import FlashPortraitSampler
 from .windows import FlashPortraitWindows
 
@@ -19,6 +20,9 @@ from .windows import FlashPortraitWindows
 class FlashPortraitExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        # Called once while the server loads the pack (this host calls no on_load): the window-plan route
+        # of web/flashportrait.js goes in before the server freezes its routes.
+        register_routes()
         return [
             FlashPortraitModelLoader,
             FlashPortraitPortraitEncoderLoader,
