@@ -48,6 +48,23 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return unwrap_state_dict(loaded, path.name)
 
 
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+
+
+def preferred_checkpoint(path: str | Path) -> Path:
+    """The file a loader reads for ``path``: its ``.safetensors`` twin when one sits beside it.
+
+    A pickle ``X.pt`` (or ``.pth``/``.ckpt``/``.bin``) with ``X.safetensors`` in the same folder is read from the
+    safetensors file (e.g. after ``scripts/convert_checkpoint.py``): it loads without unpickling and can be
+    memory-mapped. Any other path is returned unchanged.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in PICKLE_SUFFIXES:
+        return path
+    twin = path.with_suffix(".safetensors")
+    return twin if twin.is_file() else path
+
+
 def unwrap_state_dict(loaded: object, name: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint as saved: flat, nested under ``state_dict``/``module``/``model``, or with
     every key under a ``module.`` prefix (saved from a DataParallel wrapper)."""
@@ -191,10 +208,14 @@ def convert_to_safetensors(source: str | Path, target: str | Path | None = None)
     metadata = {"source_file": source.name, "source_sha256": file_sha256(source),
                 "architecture": identify_checkpoint(tensors), "converted_by": "flashportrait"}
     partial = target.with_name(target.name + ".partial")
-    save_file(tensors, str(partial), metadata=metadata)
-    written = load_file(str(partial))
-    if written.keys() != tensors.keys() or any(not torch.equal(written[k], tensors[k]) for k in tensors):
-        partial.unlink()
-        raise CheckpointError(f"round trip of {source.name} to safetensors changed tensors; nothing was written")
-    partial.replace(target)
+    try:
+        save_file(tensors, str(partial), metadata=metadata)
+        written = load_file(str(partial))
+        if written.keys() != tensors.keys() or any(not torch.equal(written[k], tensors[k]) for k in tensors):
+            raise CheckpointError(f"round trip of {source.name} to safetensors changed tensors; nothing was "
+                                  f"written")
+        del written
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)  # a failed write (disk full, interrupted) leaves no partial file
     return target

@@ -9,7 +9,8 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..flashportrait_core.checkpoints import CheckpointError, load_state_dict, merge_flashportrait_dit
+from ..flashportrait_core.checkpoints import (CheckpointError, load_state_dict, merge_flashportrait_dit,
+                                              preferred_checkpoint)
 from ..flashportrait_core.expression.backends import BACKEND_CHOICES, FaceBackendChoice, resolve_face_backend
 from ..flashportrait_core.expression.pdfgc import load_fan_encoder
 from ..flashportrait_core.portrait_encoder import load_portrait_encoder
@@ -23,6 +24,11 @@ _WEIGHT_DTYPES = {
     "fp8_e4m3fn_fast": {"dtype": torch.float8_e4m3fn, "fp8_optimizations": True},
     "fp8_e5m2": {"dtype": torch.float8_e5m2},
 }
+
+
+def checkpoint_file(folder: str, name: str) -> str:
+    """Path a loader reads for a selected file: ``X.safetensors`` instead of ``X.pt`` when both are there."""
+    return str(preferred_checkpoint(model_file(folder, name)))
 
 
 class FlashPortraitModelLoader(io.ComfyNode):
@@ -40,7 +46,8 @@ class FlashPortraitModelLoader(io.ComfyNode):
                                        "e.g. wan2.1_i2v_720p_14B_bf16.safetensors."),
                 io.Combo.Input("flashportrait_weights", options=folder_paths.get_filename_list(WEIGHTS_FOLDER),
                                tooltip="FlashPortrait's transformer.pt (or its safetensors conversion) from "
-                                       "models/flashportrait. Pickles are read with weights_only=True."),
+                                       "models/flashportrait. Pickles are read with weights_only=True; "
+                                       "X.safetensors beside X.pt is read instead of it."),
                 io.Combo.Input("weight_dtype", options=list(_WEIGHT_DTYPES), default="default",
                                tooltip="Storage type of the DiT weights; fp8 halves memory at a small cost "
                                        "in quality."),
@@ -50,8 +57,8 @@ class FlashPortraitModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, wan_model: str, flashportrait_weights: str, weight_dtype: str) -> io.NodeOutput:
-        wan_path = model_file("diffusion_models", wan_model)
-        fp_path = model_file(WEIGHTS_FOLDER, flashportrait_weights)
+        wan_path = checkpoint_file("diffusion_models", wan_model)
+        fp_path = checkpoint_file(WEIGHTS_FOLDER, flashportrait_weights)
         merged, projections = merge_flashportrait_dit(load_state_dict(wan_path), load_state_dict(fp_path),
                                                       wan_name=wan_model, flashportrait_name=flashportrait_weights)
         model = comfy.sd.load_diffusion_model_state_dict(merged, model_options=dict(_WEIGHT_DTYPES[weight_dtype]))
@@ -85,7 +92,7 @@ class FlashPortraitPortraitEncoderLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, portrait_encoder: str) -> io.NodeOutput:
-        state_dict = load_state_dict(model_file(WEIGHTS_FOLDER, portrait_encoder))
+        state_dict = load_state_dict(checkpoint_file(WEIGHTS_FOLDER, portrait_encoder))
         try:
             encoder = load_portrait_encoder(state_dict)
         except ValueError as error:
@@ -131,7 +138,7 @@ class FlashPortraitExpressionModelLoader(io.ComfyNode):
     @classmethod
     def execute(cls, expression_encoder: str, face_backend: str) -> io.NodeOutput:
         backend = resolve_face_backend(face_backend, insightface_roots())  # fails early, saying what is missing
-        state_dict = load_state_dict(model_file(WEIGHTS_FOLDER, expression_encoder))
+        state_dict = load_state_dict(checkpoint_file(WEIGHTS_FOLDER, expression_encoder))
         try:
             encoder = load_fan_encoder(state_dict)
         except ValueError as error:

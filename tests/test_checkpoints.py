@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 from flashportrait_core.checkpoints import (CheckpointError, convert_to_safetensors, describe_dit,
                                             identify_checkpoint, load_state_dict, merge_flashportrait_dit,
-                                            split_emotion_projections, strip_dit_prefix)
+                                            preferred_checkpoint, split_emotion_projections, strip_dit_prefix)
+from flashportrait_core import checkpoints
 from scripts import convert_checkpoint as convert_cli
 
 
@@ -145,3 +146,32 @@ def test_converter_cli_refuses_a_malicious_pickle(tmp_path, capsys):
     assert convert_cli.main([str(bad)]) == 1
     assert "refused" in capsys.readouterr().err
     assert not marker.exists() and not (tmp_path / "bad.safetensors").exists()
+
+
+def test_loaders_prefer_the_safetensors_twin_of_a_pickle(tmp_path):
+    torch.save({"state_dict": _overlay()}, tmp_path / "transformer.pt")
+    assert preferred_checkpoint(tmp_path / "transformer.pt") == tmp_path / "transformer.pt"  # no twin yet
+    twin = convert_to_safetensors(tmp_path / "transformer.pt")
+    assert preferred_checkpoint(tmp_path / "transformer.pt") == twin
+    assert preferred_checkpoint(twin) == twin
+    torch.save(_overlay(), tmp_path / "other.pth")
+    assert preferred_checkpoint(tmp_path / "other.pth") == tmp_path / "other.pth"  # another stem is no twin
+    # A twin is read without unpickling: a pickle that would run code is never opened once converted.
+    marker = tmp_path / "payload_ran"
+    torch.save({"payload": WritesMarker(marker)}, tmp_path / "transformer.pt")
+    loaded = load_state_dict(preferred_checkpoint(tmp_path / "transformer.pt"))
+    assert loaded.keys() == _overlay().keys() and not marker.exists()
+
+
+def test_failed_conversion_leaves_no_partial_file(tmp_path, monkeypatch):
+    torch.save(_overlay(), tmp_path / "t.pt")
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpoints, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        convert_to_safetensors(tmp_path / "t.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.pt"]
