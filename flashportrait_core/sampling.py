@@ -33,6 +33,10 @@ def sample_flow_windows(
     velocity: WindowVelocity,
     on_step: Callable[[int, int], None] | None = None,
     frame_dim: int = 2,
+    *,
+    compute_device: torch.device | str | None = None,
+    start_step: int = 0,
+    after_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Flow-matching Euler over overlapping context windows; returns the clean latents.
 
@@ -40,24 +44,43 @@ def sample_flow_windows(
     blended with the published cross-fade (an overwrite at step 0) and one Euler step moves all frames.
     Blending velocities and then stepping equals stepping each window and blending the results, because the
     Euler step is linear in the velocity.
+
+    Bounded device memory: the full latents and the blend accumulator stay on ``noise``'s device (the storage
+    device, e.g. the CPU). With ``compute_device`` set, each window's slice is copied there for ``velocity``
+    and its prediction copied back, so the compute device holds one window at a time. Copies are exact and
+    the blend is elementwise, so the result equals the loop run wholly on one device.
+
+    Resuming: ``noise`` may instead be the latents after ``start_step`` completed steps; the loop continues
+    from there. ``after_step(completed_steps, latents)`` sees the latents (on the storage device) after every
+    step, e.g. to write a checkpoint.
     """
     if noise.shape[frame_dim] != plan.num_frames:
         raise ValueError(f"latents have {noise.shape[frame_dim]} frames but the window plan covers "
                          f"{plan.num_frames}; plan the windows for this latent length")
-    x = noise.to(torch.float32)
     steps = len(sigmas) - 1
+    if not 0 <= start_step <= steps:
+        raise ValueError(f"start_step must be in [0, {steps}] (completed steps of a {steps}-step schedule), "
+                         f"got {start_step}")
+    x = noise.to(torch.float32)
+    compute = x.device if compute_device is None else torch.device(compute_device)
     weight_table = {crossfade: blend_weights(plan, crossfade).to(torch.float32) for crossfade in (False, True)}
     view_shape = [1] * x.ndim
-    for step in range(steps):
+    for step in range(start_step, steps):
         sigma, sigma_next = float(sigmas[step]), float(sigmas[step + 1])
         weights = weight_table[step > 0].to(x.device)
         blended = torch.zeros_like(x)
         for k, (start, end) in enumerate(plan.windows):
-            window_v = velocity(x.narrow(frame_dim, start, end - start), sigma, k, step)
+            window_x = x.narrow(frame_dim, start, end - start).to(compute)  # a view when nothing moves
+            window_v = velocity(window_x, sigma, k, step)
+            del window_x  # the compute device holds one window's latents at a time
             view_shape[frame_dim] = end - start
             w = weights[k, start:end].reshape(view_shape)
-            blended.narrow(frame_dim, start, end - start).add_(window_v.to(x.dtype) * w)
+            blended.narrow(frame_dim, start, end - start).add_(window_v.to(device=x.device, dtype=x.dtype) * w)
+            del window_v
         x = x + (sigma_next - sigma) * blended
+        del blended  # only the latents are carried to the next step
         if on_step is not None:
             on_step(step + 1, steps)
+        if after_step is not None:
+            after_step(step + 1, x)
     return x

@@ -1,0 +1,203 @@
+"""Checkpoints of an unfinished sampling run, so that an interrupted long job continues where it stopped.
+
+A checkpoint holds everything the window loop carries from one denoising step to the next: the latents after
+k completed steps and, with Adaptive Latent Prediction, every window's forecast history (``ALPWindowState``)
+plus whatever else the caller's velocity remembers (``extra``). Every later step is a deterministic function
+of exactly that state, so restoring it and continuing from step k gives the bit-identical result of a run
+that never stopped.
+
+The file is a torch zip archive of tensors and plain Python values only, so it loads with
+``weights_only=True``. It is written under a temporary name and renamed over the final one (atomic on POSIX
+and Windows), so a crash while writing leaves the previous checkpoint intact. Its name is a hash of
+everything that determines the result (``resume_key``): another seed, schedule, size, window plan,
+conditioning, ALP setting or model gets its own file and never resumes from someone else's state.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .alp import ALPWindowState
+from .sampling import WindowVelocity, sample_flow_windows
+from .windows import WindowPlan
+
+FORMAT = "flashportrait-resume/1"
+log = logging.getLogger(__name__)
+
+
+def _feed(digest: "hashlib._Hash", value: Any) -> None:
+    """Feed a value into the hash, type-tagged so that e.g. 1 and "1" or [1, 2] and [[1], 2] differ."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"tensor {tensor.dtype} {list(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # raw bytes; no copy for CPU tensors
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        digest.update(f"dataclass {type(value).__name__}|".encode())
+        _feed(digest, {f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
+    elif isinstance(value, dict):
+        digest.update(f"dict {len(value)}|".encode())
+        for name in sorted(value, key=str):
+            _feed(digest, str(name))
+            _feed(digest, value[name])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"seq {len(value)}|".encode())
+        for item in value:
+            _feed(digest, item)
+    else:
+        digest.update(f"{type(value).__name__} {value!r}|".encode())
+
+
+def resume_key(**parts: Any) -> str:
+    """A hex name for a run from everything that determines its result (tensors hashed by their bytes)."""
+    digest = hashlib.blake2b(FORMAT.encode(), digest_size=16)
+    _feed(digest, parts)
+    return digest.hexdigest()
+
+
+def checkpoint_path(folder: str | Path, key: str) -> Path:
+    return Path(folder) / f"flashportrait_resume_{key}.pt"
+
+
+@dataclass
+class SamplingCheckpoint:
+    """The state of a window loop after ``completed_steps`` steps."""
+
+    completed_steps: int
+    latents: torch.Tensor
+    window_states: list[dict] = field(default_factory=list)  # window_state_dict of each ALP window
+    extra: dict = field(default_factory=dict)  # the caller's own tensors and plain values
+
+
+# ALPWindowState fields that change while sampling; sigmas, config and budget follow from the settings.
+_STATE_FIELDS = ("history_sigmas", "history_velocities", "latent_at_compute", "sigma_at_compute", "error_estimate",
+                 "top_term_scale", "order_cap", "computed_steps", "skipped_steps", "layer_ratios")
+
+
+def window_state_dict(state: ALPWindowState) -> dict:
+    """The evolving part of one window's ALP state, on the CPU, as plain values and tensors."""
+    saved = {name: getattr(state, name) for name in _STATE_FIELDS}
+    saved["history_velocities"] = [v.detach().cpu() for v in state.history_velocities]
+    if state.latent_at_compute is not None:
+        saved["latent_at_compute"] = state.latent_at_compute.detach().cpu()
+    for name in ("history_sigmas", "computed_steps", "skipped_steps", "layer_ratios"):
+        saved[name] = list(saved[name])
+    return saved
+
+
+def restore_window_state(state: ALPWindowState, saved: dict, device: torch.device | str | None = None) -> None:
+    """Put a saved window state into a fresh one made with the same sigmas and config (in place)."""
+    for name in _STATE_FIELDS:
+        if name not in saved:
+            raise ValueError(f"the checkpoint's window state lacks {name!r}; it was written by another version")
+        setattr(state, name, saved[name])
+    state.history_velocities = list(state.history_velocities)
+    for name in ("history_sigmas", "computed_steps", "skipped_steps", "layer_ratios"):
+        setattr(state, name, list(getattr(state, name)))
+    if device is not None:
+        move_window_state(state, device)
+
+
+def move_window_state(state: ALPWindowState, device: torch.device | str) -> None:
+    """Move one window's ALP tensors to ``device`` (exact copies): off the compute device between visits."""
+    state.history_velocities = [v.to(device) for v in state.history_velocities]
+    if state.latent_at_compute is not None:
+        state.latent_at_compute = state.latent_at_compute.to(device)
+
+
+def save_checkpoint(path: str | Path, key: str, checkpoint: SamplingCheckpoint) -> None:
+    """Write atomically: a temporary file in the same folder, flushed to disk, then renamed over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "key": key, "completed_steps": int(checkpoint.completed_steps),
+               "latents": checkpoint.latents.detach().cpu(), "window_states": checkpoint.window_states,
+               "extra": checkpoint.extra}
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    try:
+        with open(temporary, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def load_checkpoint(path: str | Path, key: str) -> SamplingCheckpoint | None:
+    """The checkpoint at ``path`` if it exists and belongs to ``key``; None (and a log line) otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged file must not block a fresh run
+        log.warning("ignoring unreadable resume checkpoint %s: %s", path, error)
+        return None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("key") != key:
+        log.warning("ignoring resume checkpoint %s: written for another run or version", path)
+        return None
+    return SamplingCheckpoint(completed_steps=int(payload["completed_steps"]), latents=payload["latents"],
+                              window_states=list(payload["window_states"]), extra=dict(payload["extra"]))
+
+
+def remove_checkpoint(path: str | Path) -> None:
+    """Delete a finished run's checkpoint, and its folder when that is left empty."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    try:
+        path.parent.rmdir()
+    except OSError:
+        pass  # other runs' checkpoints (or other files) are still there
+
+
+def sample_flow_windows_resumable(
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    plan: WindowPlan,
+    velocity: WindowVelocity,
+    checkpoint_file: str | Path,
+    key: str,
+    window_states: Sequence[ALPWindowState] = (),
+    save_extra: Callable[[], dict] | None = None,
+    restore_extra: Callable[[dict], None] | None = None,
+    compute_device: torch.device | str | None = None,
+    frame_dim: int = 2,
+) -> tuple[torch.Tensor, int]:
+    """``sample_flow_windows`` that checkpoints after every completed step and resumes from a checkpoint.
+
+    ``window_states`` are the ALP states the velocity updates (restored in place on resume and saved with
+    each checkpoint); ``save_extra`` / ``restore_extra`` carry any further state of the velocity. Returns
+    the clean latents and the step the run started from (0 when nothing was resumed). A finished run
+    removes its checkpoint.
+    """
+    steps = len(sigmas) - 1
+    start_step, x = 0, noise
+    saved = load_checkpoint(checkpoint_file, key)
+    if saved is not None:
+        if len(saved.window_states) != len(window_states) or not 0 < saved.completed_steps < steps:
+            log.warning("ignoring resume checkpoint %s: it does not fit this run", checkpoint_file)
+        else:
+            start_step = saved.completed_steps
+            x = saved.latents.to(device=noise.device, dtype=noise.dtype)
+            for state, saved_state in zip(window_states, saved.window_states):
+                restore_window_state(state, saved_state)
+            if restore_extra is not None:
+                restore_extra(saved.extra)
+
+    def write(completed_steps: int, latents: torch.Tensor) -> None:
+        if completed_steps < steps:  # the finished result is returned, not checkpointed
+            save_checkpoint(checkpoint_file, key, SamplingCheckpoint(
+                completed_steps, latents, [window_state_dict(s) for s in window_states],
+                save_extra() if save_extra is not None else {}))
+
+    latents = sample_flow_windows(x, sigmas, plan, velocity, frame_dim=frame_dim, compute_device=compute_device,
+                                  start_step=start_step, after_step=write)
+    remove_checkpoint(checkpoint_file)
+    return latents, start_step

@@ -1,0 +1,189 @@
+"""Bounded latents and resumable sampling in the core window loop: same results as one uninterrupted run."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashportrait_core.alp import alp_step, new_window_state, preset
+from flashportrait_core.resume import (SamplingCheckpoint, checkpoint_path, load_checkpoint, restore_window_state,
+                                       resume_key, sample_flow_windows_resumable, save_checkpoint,
+                                       window_state_dict)
+from flashportrait_core.sampling import flow_sigmas, sample_flow_windows
+from flashportrait_core.windows import plan_windows
+
+STEPS = 8
+PLAN = plan_windows(13, 5, 2)  # 4 windows over 13 latent frames
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _noise_and_target(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 4, 13, 3, 3, generator=gen), torch.randn(1, 4, 13, 3, 3, generator=gen)
+
+
+class ToyVelocity:
+    """A deterministic, nonlinear stand-in for the model: flow toward a target plus a smooth distortion.
+    ``fail_after`` raises on that model call, as an interrupt or crash would."""
+
+    def __init__(self, target: torch.Tensor, fail_after: int | None = None):
+        self.target, self.fail_after, self.calls = target, fail_after, 0
+
+    def model(self, x: torch.Tensor, sigma: float, window: int) -> torch.Tensor:
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise Interrupted(f"stopped at model call {self.calls}")
+        target = self.target.narrow(2, 0, x.shape[2]).to(x.device)
+        return (x - target) / sigma + 0.05 * torch.sin(3 * x) * (1 + window)
+
+    def __call__(self, x, sigma, window, step):
+        return self.model(x, sigma, window)
+
+
+class ToyALPVelocity:
+    """Adaptive Latent Prediction per window around ToyVelocity, as the sampler node wires it."""
+
+    def __init__(self, base: ToyVelocity, sigmas: torch.Tensor, config):
+        self.base = base
+        self.states = [new_window_state(sigmas, config) for _ in PLAN.windows]
+
+    def __call__(self, x, sigma, window, step):
+        state = self.states[window]
+        x_next, _ = alp_step(state, x, step, lambda latents, s: self.base.model(latents, s, window))
+        return (x_next - x) / (state.sigmas[step + 1] - state.sigmas[step])
+
+
+def _velocity(target, alp: bool, sigmas, fail_after=None):
+    base = ToyVelocity(target, fail_after)
+    return ToyALPVelocity(base, sigmas, preset("quality")) if alp else base
+
+
+def test_start_step_and_after_step_continue_the_loop_exactly():
+    noise, target = _noise_and_target()
+    sigmas = flow_sigmas(STEPS, 3.0)
+    seen = {}
+    full = sample_flow_windows(noise, sigmas, PLAN, ToyVelocity(target),
+                               after_step=lambda k, x: seen.setdefault(k, x.clone()))
+    assert sorted(seen) == list(range(1, STEPS + 1))
+    assert torch.equal(seen[STEPS], full)
+    continued = sample_flow_windows(seen[3], sigmas, PLAN, ToyVelocity(target), start_step=3)
+    assert torch.equal(continued, full)
+    with pytest.raises(ValueError, match="start_step"):
+        sample_flow_windows(noise, sigmas, PLAN, ToyVelocity(target), start_step=STEPS + 1)
+
+
+def test_windows_reach_the_velocity_on_the_compute_device():
+    noise, target = _noise_and_target()
+    sigmas = flow_sigmas(3, 3.0)
+    devices = []
+
+    def velocity(x, sigma, window, step):
+        devices.append(x.device)
+        return ToyVelocity(target)(x, sigma, window, step)
+
+    out = sample_flow_windows(noise, sigmas, PLAN, velocity, compute_device="cpu")
+    assert devices == [torch.device("cpu")] * (3 * len(PLAN.windows))
+    assert torch.equal(out, sample_flow_windows(noise, sigmas, PLAN, ToyVelocity(target)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to compare storage and compute")
+@pytest.mark.parametrize("alp", [False, True])
+def test_latents_on_the_host_equal_latents_on_the_device(alp):
+    noise, target = _noise_and_target()
+    sigmas = flow_sigmas(STEPS, 3.0)
+    on_device = sample_flow_windows(noise.cuda(), sigmas, PLAN, _velocity(target.cuda(), alp, sigmas))
+    on_host = sample_flow_windows(noise, sigmas, PLAN, _velocity(target.cuda(), alp, sigmas), compute_device="cuda")
+    assert on_host.device.type == "cpu"
+    assert torch.equal(on_host, on_device.cpu())
+
+
+@pytest.mark.parametrize("alp", [False, True])
+@pytest.mark.parametrize("stop_at", [0.05, 0.5, 0.9])  # fraction of the run's model calls: first step, mid, late
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, alp, stop_at):
+    noise, target = _noise_and_target()
+    sigmas = flow_sigmas(STEPS, 3.0)
+    key = resume_key(seed=0, steps=STEPS, alp=alp)
+    file = checkpoint_path(tmp_path / "resume", key)
+
+    reference_velocity = _velocity(target, alp, sigmas)
+    uninterrupted = sample_flow_windows(noise, sigmas, PLAN, reference_velocity)
+    model_calls = (reference_velocity.base if alp else reference_velocity).calls
+    assert model_calls == (12 if alp else STEPS * len(PLAN.windows))  # ALP skips 5 of 8 steps per window
+    fail_after = max(1, int(stop_at * model_calls))
+
+    first = _velocity(target, alp, sigmas, fail_after=fail_after)
+    states = first.states if alp else ()
+    with pytest.raises(Interrupted):
+        sample_flow_windows_resumable(noise, sigmas, PLAN, first, file, key, states)
+    saved = load_checkpoint(file, key)
+    if fail_after <= len(PLAN.windows):  # nothing completed yet: nothing to resume from
+        assert saved is None
+    else:
+        assert 0 < saved.completed_steps < STEPS
+
+    second = _velocity(target, alp, sigmas)
+    result, started_from = sample_flow_windows_resumable(noise, sigmas, PLAN, second, file, key,
+                                                         second.states if alp else ())
+    assert started_from == (saved.completed_steps if saved else 0)
+    assert torch.equal(result, uninterrupted)
+    assert not file.exists() and not file.parent.exists()  # a finished run removes its checkpoint
+    if alp:
+        skipped = sum(len(s.skipped_steps) for s in reference_velocity.states)
+        assert skipped > 0  # ALP really forecast some steps, so its restored histories mattered
+        for resumed_state, reference_state in zip(second.states, reference_velocity.states):
+            assert resumed_state.computed_steps == reference_state.computed_steps
+            assert resumed_state.skipped_steps == reference_state.skipped_steps
+
+
+def test_resuming_without_the_alp_histories_would_differ(tmp_path):
+    """The ALP state is part of what must be restored: the latents alone give another result."""
+    noise, target = _noise_and_target()
+    sigmas = flow_sigmas(STEPS, 3.0)
+    key = resume_key(case="alp histories")
+    file = checkpoint_path(tmp_path, key)
+    uninterrupted = sample_flow_windows(noise, sigmas, PLAN, _velocity(target, True, sigmas))
+    first = _velocity(target, True, sigmas, fail_after=6)
+    with pytest.raises(Interrupted):
+        sample_flow_windows_resumable(noise, sigmas, PLAN, first, file, key, first.states)
+    saved = load_checkpoint(file, key)
+    assert saved.completed_steps == 4
+    forgetful = sample_flow_windows(saved.latents, sigmas, PLAN, _velocity(target, True, sigmas), start_step=4)
+    assert not torch.equal(forgetful, uninterrupted)
+
+
+def test_checkpoint_round_trip_is_weights_only_loadable_and_keyed(tmp_path):
+    noise, target = _noise_and_target()
+    sigmas = flow_sigmas(STEPS, 3.0)
+    velocity = _velocity(target, True, sigmas)
+    sample_flow_windows(noise, sigmas, PLAN, velocity)
+    state = velocity.states[1]
+    key = resume_key(seed=1)
+    file = checkpoint_path(tmp_path, key)
+    save_checkpoint(file, key, SamplingCheckpoint(5, noise, [window_state_dict(state)], {"passes": [3, 4]}))
+    assert torch.load(file, weights_only=True)["completed_steps"] == 5
+    assert [p.name for p in tmp_path.iterdir()] == [file.name]  # no temporary file left behind
+    loaded = load_checkpoint(file, key)
+    assert loaded.completed_steps == 5 and torch.equal(loaded.latents, noise)
+    assert loaded.extra == {"passes": [3, 4]}
+    fresh = new_window_state(sigmas, preset("quality"))
+    restore_window_state(fresh, loaded.window_states[0])
+    assert fresh.computed_steps == state.computed_steps and fresh.skipped_steps == state.skipped_steps
+    assert all(torch.equal(a, b) for a, b in zip(fresh.history_velocities, state.history_velocities))
+    assert torch.equal(fresh.latent_at_compute, state.latent_at_compute)
+    assert load_checkpoint(file, resume_key(seed=2)) is None  # another run's file is never used
+    file.write_bytes(b"damaged")
+    assert load_checkpoint(file, key) is None
+
+
+def test_resume_key_depends_on_every_part():
+    tokens = torch.zeros(3, 97, 8)
+    base = dict(seed=1, steps=30, shift=5.0, size=(64, 48), windows=PLAN.windows, tokens=tokens,
+                alp=preset("quality"))
+    key = resume_key(**base)
+    assert key == resume_key(**dict(base, tokens=tokens.clone()))
+    changed = [dict(base, seed=2), dict(base, steps=29), dict(base, shift=5.5), dict(base, size=(48, 64)),
+               dict(base, windows=plan_windows(13, 5, 3).windows), dict(base, alp=preset("fast")),
+               dict(base, tokens=tokens + torch.eye(1, 8)), dict(base, tokens=tokens.double())]
+    assert len({resume_key(**parts) for parts in changed} | {key}) == len(changed) + 1
