@@ -1,6 +1,7 @@
 """Emotion conditioning and precomputed prompt/CLIP-vision conditioning nodes."""
 from __future__ import annotations
 
+import logging
 import os
 
 import comfy.clip_vision
@@ -10,6 +11,7 @@ from comfy_api.latest import io
 
 from ..flashportrait_core.conditioning_file import load_conditioning_file, save_conditioning_file
 from ..flashportrait_core.emotion_conditioning import build_emotion_conditioning
+from ..flashportrait_core.validation import check_expression_features, trim_note
 from . import types
 from .model_folders import CONDITIONING_FOLDER, model_file
 
@@ -41,8 +43,13 @@ class FlashPortraitEmotionConditioning(io.ComfyNode):
     @classmethod
     def execute(cls, expressions, portrait_encoder, ip_scale: float, emo_cfg: float,
                 text_cfg: float) -> io.NodeOutput:
-        return io.NodeOutput(build_emotion_conditioning(portrait_encoder, expressions.features, ip_scale,
-                                                        emo_cfg, text_cfg))
+        check_expression_features(expressions.features, getattr(expressions, "found", None),
+                                  portrait_encoder.config.feature_dim)
+        emotion = build_emotion_conditioning(portrait_encoder, expressions.features, ip_scale, emo_cfg, text_cfg)
+        note = trim_note(expressions.features.shape[0], emotion.num_video_frames)
+        if note:
+            logging.info("FlashPortrait Emotion Conditioning: %s", note)
+        return io.NodeOutput(emotion)
 
 
 class FlashPortraitSaveConditioning(io.ComfyNode):

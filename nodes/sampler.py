@@ -5,6 +5,7 @@ import torch
 from comfy_api.latest import io
 
 from ..flashportrait_core.alp import PRESETS, config_for_speedup, preset
+from ..flashportrait_core.validation import check_sampler_inputs, size_note, window_note
 from ..flashportrait_core.windows import plan_windows
 from . import types
 from .wan_runner import generation_size, run_flashportrait_sampling
@@ -56,10 +57,11 @@ class FlashPortraitSampler(io.ComfyNode):
     def execute(cls, model, positive, negative, clip_vision_output, vae, reference_image: torch.Tensor,
                 emotion, windows, seed: int, steps: int, shift: float, max_side: int, acceleration: str = "quality",
                 target_speedup: float = 0.0) -> io.NodeOutput:
-        if reference_image.ndim != 4 or reference_image.shape[0] < 1:
-            raise ValueError(f"reference_image must be an IMAGE batch [N, H, W, C], got "
-                             f"{list(reference_image.shape)}")
+        check_sampler_inputs(reference_image, emotion.latent_tokens, positive[0][0], negative[0][0],
+                             getattr(clip_vision_output, "penultimate_hidden_states", None))
         height, width = generation_size(reference_image.shape[1], reference_image.shape[2], max_side)
+        notes = [note for note in (size_note(*reference_image.shape[1:3], max_side, height, width),
+                                   window_note(emotion.num_latent_frames, windows.length)) if note]
         plan = plan_windows(emotion.num_latent_frames, windows.length, windows.overlap)
         if 0.0 < target_speedup < 1.0:
             raise ValueError(f"target_speedup {target_speedup} is below 1; use 0 for the preset or a value >= 1")
@@ -67,4 +69,4 @@ class FlashPortraitSampler(io.ComfyNode):
         latents, report = run_flashportrait_sampling(
             model, vae, positive[0][0], negative[0][0], clip_vision_output, reference_image, emotion, plan,
             seed, steps, shift, height, width, alp)
-        return io.NodeOutput({"samples": latents}, report.text())
+        return io.NodeOutput({"samples": latents}, "\n".join([report.text(), *notes]))

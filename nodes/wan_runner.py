@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import time
+import traceback
 from dataclasses import dataclass, field
 
 import comfy.model_management
@@ -171,11 +172,47 @@ class AcceleratedVelocity:
         return (x_next - x) / (state.sigmas[step + 1] - state.sigmas[step])
 
 
+class SamplingOutOfMemory(comfy.model_management.OOM_EXCEPTION):
+    """Sampling ran out of memory; the message names the settings to lower. (Still an OOM for ComfyUI, which
+    then unloads its models.)"""
+
+
+def out_of_memory_message(error: BaseException, plan: WindowPlan, height: int, width: int) -> str:
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return (f"FlashPortrait Sampler ran out of memory sampling {len(plan.windows)} window(s) of "
+            f"{plan.window_length} latent frames at {width}x{height} ({first_line}). Lower window_length in "
+            f"FlashPortrait Windows (now {plan.window_length}) or max_side in the sampler, load the model with "
+            f"weight_dtype fp8_e4m3fn, or start ComfyUI with --lowvram so weights are offloaded; an acceleration "
+            f"preset (ALP) shortens the run but does not lower the peak memory.")
+
+
 def run_flashportrait_sampling(model_patcher, vae, positive: torch.Tensor, negative: torch.Tensor,
                                clip_vision_output, reference: torch.Tensor, emotion: EmotionConditioning,
                                plan: WindowPlan, seed: int, steps: int, shift: float, height: int, width: int,
                                alp: ALPConfig | None = None) -> tuple[torch.Tensor, SamplingReport]:
-    """Sample all latent frames window by window; returns latents in VAE space [1, 16, L, h, w] and a report."""
+    """Sample all latent frames window by window; returns latents in VAE space [1, 16, L, h, w] and a report.
+
+    On out-of-memory, what the run allocated is released (the failed frames' tensors included) and
+    ``SamplingOutOfMemory`` names the settings to lower.
+    """
+    try:
+        return _sample_all_windows(model_patcher, vae, positive, negative, clip_vision_output, reference, emotion,
+                                   plan, seed, steps, shift, height, width, alp)
+    except comfy.model_management.OOM_EXCEPTION as error:
+        if isinstance(error, SamplingOutOfMemory):
+            raise
+        message = out_of_memory_message(error, plan, height, width)
+        # The traceback's frames hold the activations and latents of the failed step: drop them, then the cache.
+        traceback.clear_frames(error.__traceback__)
+        del error
+        comfy.model_management.soft_empty_cache()
+    raise SamplingOutOfMemory(message)
+
+
+def _sample_all_windows(model_patcher, vae, positive: torch.Tensor, negative: torch.Tensor,
+                        clip_vision_output, reference: torch.Tensor, emotion: EmotionConditioning,
+                        plan: WindowPlan, seed: int, steps: int, shift: float, height: int, width: int,
+                        alp: ALPConfig | None = None) -> tuple[torch.Tensor, SamplingReport]:
     started = time.perf_counter()
     concat_latent, concat_mask = reference_condition(vae, reference, height, width, plan.window_length)
     comfy.model_management.load_models_gpu([model_patcher])

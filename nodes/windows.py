@@ -37,7 +37,8 @@ class FlashPortraitWindows(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, window_length: int, overlap: int) -> bool | str:
         if overlap >= window_length:
-            return f"overlap ({overlap}) must be smaller than window_length ({window_length})"
+            return (f"overlap ({overlap}) must be smaller than window_length ({window_length}): lower overlap to "
+                    f"at most {window_length - 1} or raise window_length")
         return True
 
     @classmethod
