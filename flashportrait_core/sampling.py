@@ -5,6 +5,7 @@ from typing import Callable
 
 import torch
 
+from .solvers import make_step_update
 from .windows import WindowPlan, blend_weights
 
 
@@ -33,6 +34,7 @@ def sample_flow_windows(
     velocity: WindowVelocity,
     on_step: Callable[[int, int], None] | None = None,
     frame_dim: int = 2,
+    solver: str = "euler",
     *,
     compute_device: torch.device | str | None = None,
     start_step: int = 0,
@@ -43,7 +45,8 @@ def sample_flow_windows(
     Each step every window predicts a velocity for its slice of the current latents; the predictions are
     blended with the published cross-fade (an overwrite at step 0) and one Euler step moves all frames.
     Blending velocities and then stepping equals stepping each window and blending the results, because the
-    Euler step is linear in the velocity.
+    Euler step is linear in the velocity. ``solver`` "adams2"/"adams3" steps with Adams-Bashforth over the
+    blended velocities of the last steps instead (``solvers.make_step_update``); also linear.
 
     Bounded device memory: the full latents and the blend accumulator stay on ``noise``'s device (the storage
     device, e.g. the CPU). With ``compute_device`` set, each window's slice is copied there for ``velocity``
@@ -65,6 +68,7 @@ def sample_flow_windows(
     compute = x.device if compute_device is None else torch.device(compute_device)
     weight_table = {crossfade: blend_weights(plan, crossfade).to(torch.float32) for crossfade in (False, True)}
     view_shape = [1] * x.ndim
+    step_update = make_step_update(solver)  # Euler, or a multistep update over blended velocities
     for step in range(start_step, steps):
         sigma, sigma_next = float(sigmas[step]), float(sigmas[step + 1])
         weights = weight_table[step > 0].to(x.device)
@@ -77,7 +81,7 @@ def sample_flow_windows(
             w = weights[k, start:end].reshape(view_shape)
             blended.narrow(frame_dim, start, end - start).add_(window_v.to(device=x.device, dtype=x.dtype) * w)
             del window_v
-        x = x + (sigma_next - sigma) * blended
+        x = x + step_update(sigma, sigma_next, blended)
         del blended  # only the latents are carried to the next step
         if on_step is not None:
             on_step(step + 1, steps)

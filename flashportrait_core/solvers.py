@@ -197,3 +197,40 @@ def sample_unipc(
         x = x_first - alpha_next * b_h * correction
         history = (history + [(lam_next, data_next)])[-order:]
     return x
+
+
+# --------------------------------------------------------------------------------------------------
+# Step updates for samplers that assemble the velocity themselves (the windowed loop)
+# --------------------------------------------------------------------------------------------------
+
+# Sampler choices of the windowed loop. UniPC is not among them: on the testbed it gains under 1 dB over
+# Euler at 5-10 steps (benchmarks/alp_solvers.py), and its corrector needs the model at the predicted point.
+STEP_SOLVERS = ("euler", "adams2", "adams3")
+
+# (sigma, sigma_next, velocity at sigma) -> increment of x over the step
+StepUpdate = Callable[[float, float, torch.Tensor], torch.Tensor]
+
+
+def make_step_update(solver: str) -> StepUpdate:
+    """The latent increment of one step for ``solver``; stateful for multistep solvers (one per sampling run).
+
+    ``euler``: (sigma_next - sigma) * v. ``adamsK``: Adams-Bashforth of order K over the velocities passed
+    in so far (lower order while the history fills), exactly as ``sample_adams``. Every update is linear in
+    the velocities, so blending window velocities and then stepping equals stepping each window and blending.
+    """
+    if solver == "euler":
+        return lambda sigma, sigma_next, velocity: (sigma_next - sigma) * velocity
+    if solver not in STEP_SOLVERS:
+        raise ValueError(f"solver must be one of {STEP_SOLVERS}, got {solver!r}")
+    order = int(solver[len("adams"):])
+    history_sigmas: list[float] = []
+    history_velocities: list[torch.Tensor] = []
+
+    def adams_update(sigma: float, sigma_next: float, velocity: torch.Tensor) -> torch.Tensor:
+        history_sigmas.append(float(sigma))
+        history_velocities.append(velocity)
+        del history_sigmas[:-order], history_velocities[:-order]
+        weights = lagrange_step_weights(history_sigmas, sigma, sigma_next)
+        return sum(w * v for w, v in zip(weights, history_velocities))
+
+    return adams_update
