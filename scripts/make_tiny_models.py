@@ -14,6 +14,7 @@ The output folder is laid out like ComfyUI's ``models/``::
     flashportrait/pd_fpg_tiny.pth                     PD-FGC expression encoder, real architecture
     vae/wan_2.1_vae_tiny.safetensors                  narrow Wan 2.1 VAE
     flashportrait_conditioning/tiny_prompt.safetensors  precomputed text + CLIP-vision conditioning
+    loras/fast_lora_tiny.safetensors                  4-step distillation LoRA in the published key format
 
 Usage: python scripts/make_tiny_models.py --out .models/tiny
 """
@@ -113,6 +114,32 @@ def flashportrait_overlay_state_dict(seed: int, base: dict[str, torch.Tensor],
     return overlay
 
 
+def step_distill_lora_state_dict(seed: int, base: dict[str, torch.Tensor], rank: int = 4) -> dict[str, torch.Tensor]:
+    """A LoRA in the published ``fast_lora_rank64`` key format, shaped for ``base`` (rank ``rank``).
+
+    ``diffusion_model.<layer>.lora_down.weight`` [rank, in] / ``.lora_up.weight`` [out, rank] on every block
+    linear and the head, ``.diff_b`` for their biases, ``.diff`` for the norms, ``blocks.<i>.diff_m`` for the
+    modulation. No alpha keys: the published merge applies up @ down unscaled.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    for key, weight in base.items():
+        if not (key.startswith("blocks.") or key.startswith("head.")):
+            continue
+        name = f"diffusion_model.{key[: -len('.weight')] if key.endswith('.weight') else key}"
+        if key.endswith(".weight") and weight.ndim == 2:
+            out_dim, in_dim = weight.shape
+            sd[f"{name}.lora_down.weight"] = torch.randn(rank, in_dim, generator=gen) / math.sqrt(in_dim)
+            sd[f"{name}.lora_up.weight"] = torch.randn(out_dim, rank, generator=gen) * 0.05
+        elif key.endswith(".weight"):
+            sd[f"{name}.diff"] = torch.randn(weight.shape, generator=gen) * 0.01
+        elif key.endswith(".bias"):
+            sd[f"diffusion_model.{key[: -len('.bias')]}.diff_b"] = torch.randn(weight.shape, generator=gen) * 0.01
+        elif key.endswith(".modulation"):
+            sd[f"diffusion_model.{key[: -len('.modulation')]}.diff_m"] = torch.randn(weight.shape, generator=gen) * 0.01
+    return sd
+
+
 def wan_vae_state_dict(seed: int, dim: int = VAE_DIM) -> dict[str, torch.Tensor]:
     """A narrow Wan 2.1 VAE. Key names come from the host's own Wan VAE module, which loads the real file."""
     from comfy.ldm.wan.vae import WanVAE  # the host's module defines the published layout
@@ -155,6 +182,7 @@ def write_tiny_models(out_dir: Path, seed: int = 0) -> dict[str, Path]:
         "pd_fgc": out_dir / "flashportrait" / "pd_fpg_tiny.pth",
         "vae": out_dir / "vae" / "wan_2.1_vae_tiny.safetensors",
         "conditioning": out_dir / "flashportrait_conditioning" / "tiny_prompt.safetensors",
+        "fast_lora": out_dir / "loras" / "fast_lora_tiny.safetensors",
     }
     for path in paths.values():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +196,7 @@ def write_tiny_models(out_dir: Path, seed: int = 0) -> dict[str, Path]:
               str(paths["portrait_encoder"]))
     torch.save(random_fan_encoder_state_dict(seed + 3), paths["pd_fgc"])
     save_file(wan_vae_state_dict(seed + 4), str(paths["vae"]))
+    save_file(step_distill_lora_state_dict(seed + 6, base), str(paths["fast_lora"]))
     tensors = conditioning_tensors(seed + 5)
     save_conditioning_file(paths["conditioning"], positive=tensors["positive"], negative=tensors["negative"],
                            clip_vision_penultimate=tensors["clip_vision_penultimate"])
