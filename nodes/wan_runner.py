@@ -2,19 +2,23 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
 
 import comfy.model_management
 import comfy.utils
+import folder_paths
 import torch
 
 from ..flashportrait_core.alp import (ALPConfig, ALPWindowState, alp_step, block_change_magnitudes,
                                       new_window_state, report_lines)
 from ..flashportrait_core.emotion_conditioning import EmotionConditioning
 from ..flashportrait_core.guidance import combine_guidance, guidance_passes
-from ..flashportrait_core.sampling import flow_sigmas, sample_flow_windows
+from ..flashportrait_core.resume import (checkpoint_path, move_window_state, resume_key,
+                                         sample_flow_windows_resumable)
+from ..flashportrait_core.sampling import flow_sigmas
 from ..flashportrait_core.windows import WindowPlan
 from .wan_patch import BLOCK_PROBE_KEY, EMOTION_OPTIONS_KEY, BlockProbe, EmotionPass
 
@@ -56,10 +60,14 @@ class SamplingReport:
     alp_states: list[ALPWindowState] = field(default_factory=list)  # empty when ALP is off
     seconds: float = 0.0  # the whole sampler node
     denoise_seconds: float = 0.0  # the window loop alone (without encoding the reference)
+    resumed_from_step: int = 0  # > 0: continued from the checkpoint of an interrupted run
 
     def text(self) -> str:
         lines = [f"{len(self.windows)} window(s) x {self.steps} steps, {sum(self.model_passes)} DiT passes, "
                  f"{self.seconds:.1f} s (denoising {self.denoise_seconds:.1f} s)"]
+        if self.resumed_from_step:
+            lines.append(f"  resumed from step {self.resumed_from_step} of {self.steps} (checkpoint of an "
+                         f"interrupted run)")
         for k, ((start, end), passes) in enumerate(zip(self.windows, self.model_passes)):
             line = f"  window {k}: latent frames {start}-{end - 1}, {passes} DiT passes"
             if self.alp_states:
@@ -153,9 +161,17 @@ class AcceleratedVelocity:
         guided.report.alp_states = self.states
         self.blocks = probe_blocks(num_blocks)
         self.previous_outputs: list[list[torch.Tensor] | None] = [None] * len(self.states)
+        self.storage_device: torch.device | None = None  # set: window states rest there between visits
+
+    def checkpoint_state(self) -> dict:
+        return {"previous_block_outputs": [list(p) if p is not None else None for p in self.previous_outputs]}
+
+    def restore_checkpoint_state(self, saved: dict) -> None:
+        self.previous_outputs = list(saved["previous_block_outputs"])
 
     def __call__(self, x: torch.Tensor, sigma: float, window: int, step: int) -> torch.Tensor:
         state = self.states[window]
+        move_window_state(state, x.device)  # from the storage device, or a restored checkpoint
         probe = BlockProbe(self.blocks)
 
         def block_changes() -> list[float] | None:
@@ -167,6 +183,8 @@ class AcceleratedVelocity:
 
         x_next, _ = alp_step(state, x, step, lambda latents, s: self.guided.guided(latents, s, window, probe),
                              block_changes)
+        if self.storage_device is not None:
+            move_window_state(state, self.storage_device)
         if self.guided.progress is not None:
             self.guided.progress.update(1)
         return (x_next - x) / (state.sigmas[step + 1] - state.sigmas[step])
@@ -184,6 +202,35 @@ def out_of_memory_message(error: BaseException, plan: WindowPlan, height: int, w
             f"FlashPortrait Windows (now {plan.window_length}) or max_side in the sampler, load the model with "
             f"weight_dtype fp8_e4m3fn, or start ComfyUI with --lowvram so weights are offloaded; an acceleration "
             f"preset (ALP) shortens the run but does not lower the peak memory.")
+
+
+RESUME_SUBFOLDER = "flashportrait_resume"
+
+
+def resume_folder() -> str:
+    """Checkpoints of unfinished runs live in the output folder: ComfyUI empties its temp folder at every start,
+    which would lose them after a crash."""
+    return os.path.join(folder_paths.get_output_directory(), RESUME_SUBFOLDER)
+
+
+def latent_storage_device(load_device: torch.device | str, plan: WindowPlan) -> torch.device:
+    """Where the full latents live: on the host whenever the model runs elsewhere and there is more than one
+    window, so the accelerator holds one window's latents at a time (the copies are small next to a DiT pass);
+    otherwise on the model's device."""
+    device = torch.device(load_device)
+    return torch.device("cpu") if device.type != "cpu" and len(plan.windows) > 1 else device
+
+
+def model_fingerprint(model_patcher) -> list:
+    """A cheap identity of the weights for the resume key: the model class, a strided sample of a few of its
+    tensors, and the keys and strengths of applied patches (LoRAs)."""
+    state = model_patcher.model.diffusion_model.state_dict()
+    names = sorted(state)
+    sampled = [(name, state[name].detach().flatten()[:: max(1, state[name].numel() // 256)].float().cpu())
+               for name in names[:: max(1, len(names) // 8)]]
+    patches = [(key, [(float(p[0]), float(p[2])) for p in patch_list])
+               for key, patch_list in sorted(model_patcher.patches.items())]
+    return [type(model_patcher.model).__name__, len(names), sampled, patches]
 
 
 def run_flashportrait_sampling(model_patcher, vae, positive: torch.Tensor, negative: torch.Tensor,
@@ -226,7 +273,30 @@ def _sample_all_windows(model_patcher, vae, positive: torch.Tensor, negative: to
     generator = torch.Generator("cpu").manual_seed(seed)
     noise = torch.randn((1, 16, plan.num_frames, height // 8, width // 8), generator=generator)
     denoise_started = time.perf_counter()
-    latents = sample_flow_windows(noise.to(model_patcher.load_device), sigmas, plan, velocity)
+    storage = latent_storage_device(model_patcher.load_device, plan)
+    guided = velocity.guided if isinstance(velocity, AcceleratedVelocity) else velocity
+    accelerated = velocity if isinstance(velocity, AcceleratedVelocity) else None
+    if accelerated is not None and storage != torch.device(model_patcher.load_device):
+        accelerated.storage_device = storage
+    key = resume_key(seed=seed, steps=steps, shift=shift, size=(height, width), num_frames=plan.num_frames,
+                     windows=plan.windows, emotion=emotion, conds=guided.conds, alp=alp if alp and alp.enabled
+                     else None, model=model_fingerprint(model_patcher))
+
+    def save_extra() -> dict:
+        extra = {"model_passes": list(report.model_passes)}
+        if accelerated is not None:
+            extra.update(accelerated.checkpoint_state())
+        return extra
+
+    def restore_extra(saved: dict) -> None:
+        report.model_passes[:] = saved["model_passes"]
+        if accelerated is not None:
+            accelerated.restore_checkpoint_state(saved)
+
+    latents, report.resumed_from_step = sample_flow_windows_resumable(
+        noise.to(storage), sigmas, plan, velocity, checkpoint_path(resume_folder(), key),
+        key, accelerated.states if accelerated is not None else (), save_extra, restore_extra,
+        compute_device=model_patcher.load_device)
     report.denoise_seconds = time.perf_counter() - denoise_started
     report.seconds = time.perf_counter() - started
     latents = model_patcher.model.process_latent_out(latents.cpu())
