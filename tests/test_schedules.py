@@ -48,3 +48,37 @@ def test_distilled_schedule_runs_four_euler_steps_over_windows():
     for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
         scale *= 1.0 - (sigma_next - sigma)
     assert torch.allclose(out, noise * scale, atol=1e-6)
+
+
+def test_four_step_lora_choice_runs_euler_on_the_distilled_sigmas_without_alp():
+    from flashportrait_core.schedules import FOUR_STEP_LORA, resolve_sampling
+
+    choice = resolve_sampling(FOUR_STEP_LORA, 30, 5.0)
+    assert torch.equal(choice.sigmas, distilled_sigmas(5.0))
+    assert (choice.steps, choice.solver, choice.alp) == (4, "euler", None)
+    assert "ALP off" in choice.notes[0] and "steps=30 not used" in choice.notes[0]
+    assert "target_speedup 5 not used" in resolve_sampling(FOUR_STEP_LORA, 30, 5.0, target_speedup=5.0).notes[1]
+    with pytest.raises(ValueError, match="trained for Euler steps"):
+        resolve_sampling(FOUR_STEP_LORA, 30, 5.0, solver="adams2")
+
+
+def test_presets_solvers_and_their_conflicts():
+    from flashportrait_core.alp import preset
+    from flashportrait_core.schedules import resolve_sampling
+
+    quality = resolve_sampling("quality", 30, 5.0)
+    assert quality.alp == preset("quality") and quality.solver == "euler"
+    assert torch.equal(quality.sigmas, flow_sigmas(30, 5.0))
+    assert resolve_sampling("off", 30, 5.0).alp is None
+    assert resolve_sampling("off", 30, 5.0, solver="adams2").solver == "adams2"
+    assert resolve_sampling("off", 12, 5.0, target_speedup=5.0).alp.speedup == 5.0
+    with pytest.raises(ValueError, match="do not combine.*acceleration to off"):
+        resolve_sampling("quality", 30, 5.0, solver="adams2")
+    with pytest.raises(ValueError, match="target_speedup 4 do not combine"):
+        resolve_sampling("off", 30, 5.0, solver="adams3", target_speedup=4.0)
+    with pytest.raises(ValueError, match="at least 8 steps"):
+        resolve_sampling("off", 5, 5.0, solver="adams3")
+    with pytest.raises(ValueError, match="below 1"):
+        resolve_sampling("off", 30, 5.0, target_speedup=0.5)
+    with pytest.raises(ValueError, match="acceleration must be one of"):
+        resolve_sampling("turbo", 30, 5.0)
