@@ -217,16 +217,28 @@ CHECKPOINT_FAILURES = [
 ]
 
 
+def with_defaults(prompt: dict, object_info: dict) -> dict:
+    """Fill every required input a graph leaves out with the node's default (inputs added to a node later)."""
+    for node in prompt.values():
+        required = object_info[node["class_type"]]["input"].get("required") or {}
+        for name, spec in required.items():
+            if name not in node["inputs"] and len(spec) > 1 and "default" in spec[1]:
+                node["inputs"][name] = spec[1]["default"]
+    return prompt
+
+
 class Server:
     """One server for the whole matrix; a cheap good graph after every bad one proves it still works."""
 
-    def __init__(self, handle, good_video: str):
+    def __init__(self, handle, object_info: dict, good_video: str):
         self.handle = handle
+        self.object_info = object_info
         self.good_video = good_video
         self.good_runs = 0
 
     def run(self, prompt: dict) -> dict:
-        return comfy_client.run_prompt(self.handle.url, prompt, timeout=300, is_alive=self.handle.is_running)
+        return comfy_client.run_prompt(self.handle.url, with_defaults(prompt, self.object_info), timeout=300,
+                                       is_alive=self.handle.is_running)
 
     def failure(self, prompt: dict) -> dict:
         """The execution_error of a prompt that must fail."""
@@ -243,11 +255,11 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(comfy_server):
+def server(comfy_server, comfy_object_info):
     good = f"{TEST_FILE_PREFIX}good.mp4"
     (comfy_server.input_dir / good).write_bytes(DRIVING.read_bytes())
     (comfy_server.input_dir / REFERENCE.name).write_bytes(REFERENCE.read_bytes())
-    return Server(comfy_server, good)
+    return Server(comfy_server, comfy_object_info, good)
 
 
 def _type_name(error: dict) -> str:
@@ -290,8 +302,8 @@ def test_wrong_checkpoints_fail_naming_the_file(server, bad_checkpoints, wan_mod
 
 def test_overlap_not_below_the_window_is_refused_before_running(server):
     with pytest.raises(comfy_client.PromptRejected) as raised:
-        comfy_client.queue_prompt(server.handle.url, _full_graph(server.good_video, REFERENCE.name, seed=1,
-                                                                 window_length=4, overlap=4))
+        graph = _full_graph(server.good_video, REFERENCE.name, seed=1, window_length=4, overlap=4)
+        comfy_client.queue_prompt(server.handle.url, with_defaults(graph, server.object_info))
     assert "overlap (4) must be smaller than window_length (4): lower overlap to at most 3" in str(raised.value)
     server.assert_healthy()
 
