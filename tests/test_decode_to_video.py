@@ -1,6 +1,9 @@
 """Streaming decode to an MP4: the same pixels as one-shot decoding, the right frames, fps and duration."""
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import av
 import pytest
 import torch
@@ -12,6 +15,7 @@ pack = import_pack()
 import comfy.sd  # noqa: E402
 import folder_paths  # noqa: E402
 
+DRIVING = Path(__file__).resolve().parents[2] / "shared" / "data" / "driving"
 decode_node = pack.nodes.decode
 stream = pack.nodes.wan_vae_stream
 
@@ -63,3 +67,44 @@ def test_keeping_the_reference_frame_and_a_bad_vae(tiny_vae, tmp_path):
         assert sum(1 for _ in container.decode(video=0)) == 5
     with pytest.raises(ValueError, match="Wan 2.1 VAE"):
         decode_node.FlashPortraitDecodeToVideo.execute({"samples": _latents(2)}, object(), 25.0, "x", 19, True)
+
+
+def _streams(path):
+    with av.open(path) as container:  # one pass over the packets of both streams
+        video, audio = container.streams.video[0], container.streams.audio[0]
+        frames = samples = 0
+        for packet in container.demux(video, audio):
+            for frame in packet.decode():
+                frames += packet.stream is video
+                samples += frame.samples if packet.stream is audio else 0
+        return frames, float(video.average_rate), float(video.duration * video.time_base), audio.rate, samples
+
+
+def test_node_adds_the_driving_videos_sound(tiny_vae, tmp_path):
+    """audio_file from the input folder (lp_d18.mp4 has AAC sound): 24 frames at 25 fps carry 0.96 s of it."""
+    folder_paths.set_output_directory(str(tmp_path / "out"))
+    folder_paths.set_input_directory(str(DRIVING))
+    path = decode_node.FlashPortraitDecodeToVideo.execute(
+        {"samples": _latents(frames=7)}, tiny_vae, 25.0, "video/sound", 19, True, audio_file="lp_d18.mp4").result[0]
+    frames, fps, video_seconds, rate, samples = _streams(path)
+    assert (frames, fps, rate) == (24, 25.0, 44100)
+    assert video_seconds == pytest.approx(24 / 25)
+    assert abs(samples / rate - video_seconds) < 1024 / rate + 1e-6  # within one AAC frame
+    with pytest.raises(FileNotFoundError, match="missing.mp4"):
+        decode_node.FlashPortraitDecodeToVideo.execute(
+            {"samples": _latents(frames=2)}, tiny_vae, 25.0, "x", 19, True, audio_file="missing.mp4")
+
+
+def test_node_adds_comfyui_audio_and_refuses_two_sources(tiny_vae, tmp_path):
+    folder_paths.set_output_directory(str(tmp_path))
+    rate = 16000
+    tone = torch.sin(torch.arange(rate * 3) / rate * 2 * math.pi * 300).reshape(1, 1, -1).repeat(1, 2, 1) * 0.3
+    audio = {"waveform": tone, "sample_rate": rate}
+    path = decode_node.FlashPortraitDecodeToVideo.execute(
+        {"samples": _latents(frames=4)}, tiny_vae, 12.5, "video/tone", 19, False, audio=audio).result[0]
+    frames, fps, video_seconds, got_rate, samples = _streams(path)
+    assert (frames, fps, got_rate) == (13, 12.5, rate)
+    assert abs(samples / rate - 13 / 12.5) < 1024 / rate + 1e-6
+    with pytest.raises(ValueError, match="not both"):
+        decode_node.FlashPortraitDecodeToVideo.execute(
+            {"samples": _latents(frames=2)}, tiny_vae, 25.0, "x", 19, True, audio_file="a.mp4", audio=audio)

@@ -1,0 +1,184 @@
+"""Long videos through the real ComfyUI server: wall time and peak memory for a 1-minute and a 10-minute output.
+
+For each length a driving video is made by concatenating the real square clips of ``../shared/data/driving``
+(every frame, re-encoded at 25 fps and a common size), the long-form workflow
+(``workflows/flashportrait_long.json``: video file -> expressions -> sampler -> decode to MP4) runs on the tiny
+models in a fresh server, and the server process's peak resident memory (VmHWM from /proc) and the prompt's
+wall time (queue to finished, server start excluded) are printed with their ratios.
+
+    .venv/bin/python benchmarks/long_video.py                        # 1 and 10 minutes
+    .venv/bin/python benchmarks/long_video.py --minutes 1            # only the 1-minute run
+
+Driving videos and results go to benchmarks/out/long_video/ (git-ignored); the driving videos are reused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from scripts import comfy_client, host  # noqa: E402
+from scripts.workflow_prep import LONG_WORKFLOW, TINY_MODELS, Settings, load_ui_workflow, prepare_prompt  # noqa: E402
+
+DRIVING = REPO_ROOT.parent / "shared" / "data" / "driving"
+REFERENCE = REPO_ROOT.parent / "shared" / "data" / "reference" / "fp_case1.png"
+# The square clips (480x480 or 512x512); the portrait-orientation and full-body ones would need cropping.
+CLIPS = ("lp_d0.mp4", "lp_d3.mp4", "lp_d6.mp4", "lp_d10.mp4", "lp_d11.mp4", "lp_d12.mp4", "lp_d14.mp4",
+         "lp_d18.mp4", "lp_d19.mp4", "lp_d20.mp4")
+FPS = 25
+OUT = REPO_ROOT / "benchmarks" / "out" / "long_video"
+
+
+def make_driving_video(path: Path, seconds: float, side: int) -> int:
+    """Concatenate the clips' frames (cycling through them) into a ``side``-square H.264 MP4 at 25 fps.
+
+    Every source frame is kept and re-timed to 25 fps (the 30 fps clips play 1.2x slower); returns the frame
+    count. An existing file with the right frame count is reused.
+    """
+    import av
+
+    wanted = int(round(seconds * FPS))
+    if path.is_file():
+        with av.open(str(path)) as existing:
+            if existing.streams.video[0].frames == wanted:
+                return wanted
+    partial = path.with_suffix(".partial.mp4")
+    written = 0
+    with av.open(str(partial), "w") as output:
+        stream = output.add_stream("libx264", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = side, side, "yuv420p"
+        stream.options = {"crf": "20", "preset": "veryfast"}
+        while written < wanted:
+            for clip in CLIPS:
+                with av.open(str(DRIVING / clip)) as source:
+                    for frame in source.decode(video=0):
+                        if written == wanted:
+                            break
+                        pixels = frame.reformat(width=side, height=side, format="rgb24").to_ndarray()
+                        for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                            output.mux(packet)
+                        written += 1
+                if written == wanted:
+                    break
+        for packet in stream.encode():
+            output.mux(packet)
+    partial.replace(path)
+    return written
+
+
+class PeakMemory:
+    """Polls a process's VmRSS (for the curve) and reads its VmHWM (the kernel's exact peak) at the end."""
+
+    def __init__(self, pid: int, interval: float = 1.0):
+        self.pid, self.interval = pid, interval
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _field_mb(self, name: str) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(name + ":"):
+                return int(line.split()[1]) / 1024
+        raise KeyError(name)
+
+    def _poll(self) -> None:
+        started = time.monotonic()
+        while not self._stop.wait(self.interval):
+            self.samples.append((time.monotonic() - started, self._field_mb("VmRSS")))
+
+    def __enter__(self) -> "PeakMemory":
+        self.at_start_mb = self._field_mb("VmRSS")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = self._field_mb("VmHWM")
+
+
+def run_once(video: Path, frames: int, settings: Settings, tiny_models: Path, run_dir: Path) -> dict:
+    """One fresh server, one prompt; returns wall time, memory and the nodes' reports."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    server = host.start_server(tiny_models, run_dir / "input", run_dir / "output", run_dir / "temp")
+    try:
+        shutil.copy(REFERENCE, server.input_dir / REFERENCE.name)
+        (server.input_dir / video.name).symlink_to(video.resolve())
+        info = comfy_client.object_info(server.url)
+        prompt = comfy_client.ui_to_api(load_ui_workflow(LONG_WORKFLOW), info)
+        prepare_prompt(prompt, TINY_MODELS, REFERENCE.name, video.name, settings)
+        with PeakMemory(server.process.pid) as memory:
+            started = time.perf_counter()
+            entry = comfy_client.run_prompt(server.url, prompt, timeout=4 * 3600, is_alive=server.is_running)
+            wall = time.perf_counter() - started
+    finally:
+        server.stop()
+    reports = {prompt[i]["_meta"]["title"]: "".join(o["text"]) for i, o in entry["outputs"].items() if "text" in o}
+    videos = [f for f in comfy_client.output_files(entry) if f["filename"].endswith(".mp4")]
+    output = run_dir / "output" / videos[0]["subfolder"] / videos[0]["filename"]
+    import av
+
+    with av.open(str(output)) as container:
+        stream = container.streams.video[0]
+        written = sum(1 for _ in container.decode(stream))
+        duration = float(container.duration / av.time_base)
+    return {"driving_frames": frames, "wall_s": round(wall, 1), "peak_rss_mb": round(memory.peak_mb, 1),
+            "rss_before_prompt_mb": round(memory.at_start_mb, 1), "output_frames": written,
+            "output_duration_s": round(duration, 2), "reports": reports,
+            "rss_curve_mb": [(round(t, 1), round(m, 1)) for t, m in memory.samples[:: max(1, len(memory.samples)
+                                                                                           // 200)]]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, nargs="+", default=[1.0, 10.0])
+    parser.add_argument("--side", type=int, default=256, help="driving video side (pixels)")
+    parser.add_argument("--max-side", type=int, default=64, help="output's longest side")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--window", type=int, default=16)
+    parser.add_argument("--overlap", type=int, default=4)
+    parser.add_argument("--acceleration", default="off",
+                        help="ALP preset (with 2 steps every step is computed anyway)")
+    args = parser.parse_args()
+
+    tiny_models = REPO_ROOT / ".models" / "tiny"
+    if not (tiny_models / "vae").is_dir():
+        sys.exit(f"{tiny_models} is missing: run .venv/bin/python scripts/make_tiny_models.py --out {tiny_models}")
+    host.provision(log=lambda message: print(message, file=sys.stderr))
+    OUT.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for minutes in args.minutes:
+        video = OUT / f"driving_{minutes:g}min_{args.side}.mp4"
+        made = time.perf_counter()
+        frames = make_driving_video(video, minutes * 60, args.side)
+        print(f"{minutes:g} min driving video: {frames} frames at {FPS} fps, {args.side}x{args.side} "
+              f"({time.perf_counter() - made:.0f} s to make)", flush=True)
+        settings = Settings(seed=1, steps=args.steps, max_side=args.max_side, window_length=args.window,
+                            window_overlap=args.overlap, acceleration=args.acceleration,
+                            filename_prefix=f"video/long_{minutes:g}min")
+        result = run_once(video, frames, settings, tiny_models, OUT / f"run_{minutes:g}min")
+        results[minutes] = result
+        print(f"{minutes:g} min: wall {result['wall_s']} s, peak RSS {result['peak_rss_mb']} MB "
+              f"(before the prompt {result['rss_before_prompt_mb']} MB), output {result['output_frames']} frames, "
+              f"{result['output_duration_s']} s", flush=True)
+        for title, text in result["reports"].items():
+            print(f"  [{title}] " + text.splitlines()[0] if text else "", flush=True)
+        (OUT / "results.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
+    if len(results) >= 2:
+        short, long = (results[m] for m in sorted(results)[:1] + sorted(results)[-1:])
+        length_ratio = long["driving_frames"] / short["driving_frames"]
+        print(f"peak RSS {long['peak_rss_mb'] / short['peak_rss_mb']:.3f}x (target <= 1.10); wall time "
+              f"{long['wall_s'] / short['wall_s']:.2f}x for {length_ratio:.1f}x the length "
+              f"({long['wall_s'] / short['wall_s'] / length_ratio:.3f} of linear; target 0.9-1.1)")
+
+
+if __name__ == "__main__":
+    main()
