@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..flashportrait_core.alp import PRESETS, config_for_speedup, preset
+from ..flashportrait_core.schedules import ACCELERATIONS, FOUR_STEP_LORA, resolve_sampling
+from ..flashportrait_core.solvers import STEP_SOLVERS
 from ..flashportrait_core.validation import check_sampler_inputs, size_note, window_note
 from ..flashportrait_core.windows import plan_windows
 from . import types
@@ -39,13 +40,19 @@ class FlashPortraitSampler(io.ComfyNode):
                 io.Int.Input("max_side", default=720, min=16, max=2048, step=16,
                              tooltip="Longest side of the output; the reference is scaled to it and each side "
                                      "rounded up to a multiple of 16."),
-                io.Combo.Input("acceleration", options=list(PRESETS), default="quality",
+                io.Combo.Input("acceleration", options=list(ACCELERATIONS), default="quality",
                                tooltip="Adaptive Latent Prediction: skips DiT passes by forecasting the latent "
                                        "trajectory of each window. quality ~3x, balanced ~4x, fast ~6x fewer "
-                                       "passes; off computes every step."),
+                                       "passes; off computes every step. '4-step LoRA': the published fast "
+                                       "path, 4 Euler steps at timesteps 1000/750/500/250 (steps is not used); "
+                                       "apply the distillation LoRA to the model first (LoraLoaderModelOnly)."),
                 io.Float.Input("target_speedup", default=0.0, min=0.0, max=10.0, step=0.5,
                                tooltip="Optional: a target speed-up (e.g. 5 = a fifth of the DiT passes) instead "
                                        "of the preset; 0 uses the preset."),
+                io.Combo.Input("sampler", options=list(STEP_SOLVERS), default="euler",
+                               tooltip="Step update of the window loop. euler: as published. adams2 / adams3: "
+                                       "multistep (Adams-Bashforth) over the last velocities, more accurate at the "
+                                       "same number of DiT passes (adams3 from 8 steps); needs acceleration off."),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent"),
@@ -56,17 +63,19 @@ class FlashPortraitSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, clip_vision_output, vae, reference_image: torch.Tensor,
                 emotion, windows, seed: int, steps: int, shift: float, max_side: int, acceleration: str = "quality",
-                target_speedup: float = 0.0) -> io.NodeOutput:
+                target_speedup: float = 0.0, sampler: str = "euler") -> io.NodeOutput:
         check_sampler_inputs(reference_image, emotion.latent_tokens, positive[0][0], negative[0][0],
                              getattr(clip_vision_output, "penultimate_hidden_states", None))
         height, width = generation_size(reference_image.shape[1], reference_image.shape[2], max_side)
         notes = [note for note in (size_note(*reference_image.shape[1:3], max_side, height, width),
                                    window_note(emotion.num_latent_frames, windows.length)) if note]
         plan = plan_windows(emotion.num_latent_frames, windows.length, windows.overlap)
-        if 0.0 < target_speedup < 1.0:
-            raise ValueError(f"target_speedup {target_speedup} is below 1; use 0 for the preset or a value >= 1")
-        alp = config_for_speedup(target_speedup) if target_speedup >= 1.0 else preset(acceleration)
+        choice = resolve_sampling(acceleration, steps, shift, sampler, target_speedup)
+        notes.extend(choice.notes)
+        if acceleration == FOUR_STEP_LORA and not getattr(model, "patches", None):
+            notes.append(f"{FOUR_STEP_LORA}: the model carries no LoRA; without the distillation LoRA 4 steps "
+                         f"give a blurred result (apply fast_lora_rank64 with LoraLoaderModelOnly)")
         latents, report = run_flashportrait_sampling(
             model, vae, positive[0][0], negative[0][0], clip_vision_output, reference_image, emotion, plan,
-            seed, steps, shift, height, width, alp)
+            seed, choice.steps, shift, height, width, choice.alp, choice.sigmas, choice.solver)
         return io.NodeOutput({"samples": latents}, "\n".join([report.text(), *notes]))

@@ -18,7 +18,7 @@ from ..flashportrait_core.emotion_conditioning import EmotionConditioning
 from ..flashportrait_core.guidance import combine_guidance, guidance_passes
 from ..flashportrait_core.resume import (checkpoint_path, move_window_state, resume_key,
                                          sample_flow_windows_resumable)
-from ..flashportrait_core.sampling import flow_sigmas
+from ..flashportrait_core.sampling import flow_sigmas, sample_flow_windows
 from ..flashportrait_core.windows import WindowPlan
 from .wan_patch import BLOCK_PROBE_KEY, EMOTION_OPTIONS_KEY, BlockProbe, EmotionPass
 
@@ -236,15 +236,19 @@ def model_fingerprint(model_patcher) -> list:
 def run_flashportrait_sampling(model_patcher, vae, positive: torch.Tensor, negative: torch.Tensor,
                                clip_vision_output, reference: torch.Tensor, emotion: EmotionConditioning,
                                plan: WindowPlan, seed: int, steps: int, shift: float, height: int, width: int,
-                               alp: ALPConfig | None = None) -> tuple[torch.Tensor, SamplingReport]:
+                               alp: ALPConfig | None = None, sigmas: torch.Tensor | None = None,
+                               solver: str = "euler") -> tuple[torch.Tensor, SamplingReport]:
     """Sample all latent frames window by window; returns latents in VAE space [1, 16, L, h, w] and a report.
+
+    ``sigmas`` replaces the standard ``flow_sigmas(steps, shift)`` grid (``steps`` must then be
+    ``len(sigmas) - 1``); ``solver`` is the window loop's step update (``solvers.STEP_SOLVERS``).
 
     On out-of-memory, what the run allocated is released (the failed frames' tensors included) and
     ``SamplingOutOfMemory`` names the settings to lower.
     """
     try:
         return _sample_all_windows(model_patcher, vae, positive, negative, clip_vision_output, reference, emotion,
-                                   plan, seed, steps, shift, height, width, alp)
+                                   plan, seed, steps, shift, height, width, alp, sigmas, solver)
     except comfy.model_management.OOM_EXCEPTION as error:
         if isinstance(error, SamplingOutOfMemory):
             raise
@@ -259,7 +263,8 @@ def run_flashportrait_sampling(model_patcher, vae, positive: torch.Tensor, negat
 def _sample_all_windows(model_patcher, vae, positive: torch.Tensor, negative: torch.Tensor,
                         clip_vision_output, reference: torch.Tensor, emotion: EmotionConditioning,
                         plan: WindowPlan, seed: int, steps: int, shift: float, height: int, width: int,
-                        alp: ALPConfig | None = None) -> tuple[torch.Tensor, SamplingReport]:
+                        alp: ALPConfig | None = None, sigmas: torch.Tensor | None = None,
+                        solver: str = "euler") -> tuple[torch.Tensor, SamplingReport]:
     started = time.perf_counter()
     concat_latent, concat_mask = reference_condition(vae, reference, height, width, plan.window_length)
     comfy.model_management.load_models_gpu([model_patcher])
@@ -267,7 +272,7 @@ def _sample_all_windows(model_patcher, vae, positive: torch.Tensor, negative: to
     progress = comfy.utils.ProgressBar(steps * len(plan.windows))
     velocity = GuidedWanVelocity(model_patcher, positive, negative, clip_vision_output, concat_latent,
                                  concat_mask, emotion, plan, report, progress)
-    sigmas = flow_sigmas(steps, shift)
+    sigmas = flow_sigmas(steps, shift) if sigmas is None else sigmas
     if alp is not None and alp.enabled:
         velocity = AcceleratedVelocity(velocity, sigmas, alp, len(model_patcher.model.diffusion_model.blocks))
     generator = torch.Generator("cpu").manual_seed(seed)
@@ -278,7 +283,7 @@ def _sample_all_windows(model_patcher, vae, positive: torch.Tensor, negative: to
     accelerated = velocity if isinstance(velocity, AcceleratedVelocity) else None
     if accelerated is not None and storage != torch.device(model_patcher.load_device):
         accelerated.storage_device = storage
-    key = resume_key(seed=seed, steps=steps, shift=shift, size=(height, width), num_frames=plan.num_frames,
+    key = resume_key(seed=seed, steps=steps, shift=shift, sigmas=sigmas, solver=solver, size=(height, width), num_frames=plan.num_frames,
                      windows=plan.windows, emotion=emotion, conds=guided.conds, alp=alp if alp and alp.enabled
                      else None, model=model_fingerprint(model_patcher))
 
@@ -293,10 +298,14 @@ def _sample_all_windows(model_patcher, vae, positive: torch.Tensor, negative: to
         if accelerated is not None:
             accelerated.restore_checkpoint_state(saved)
 
-    latents, report.resumed_from_step = sample_flow_windows_resumable(
-        noise.to(storage), sigmas, plan, velocity, checkpoint_path(resume_folder(), key),
-        key, accelerated.states if accelerated is not None else (), save_extra, restore_extra,
-        compute_device=model_patcher.load_device)
+    if solver != "euler":  # a multistep history is not in the checkpoints: such a run is not resumable
+        latents = sample_flow_windows(noise.to(storage), sigmas, plan, velocity, solver=solver,
+                                      compute_device=model_patcher.load_device)
+    else:
+        latents, report.resumed_from_step = sample_flow_windows_resumable(
+            noise.to(storage), sigmas, plan, velocity, checkpoint_path(resume_folder(), key),
+            key, accelerated.states if accelerated is not None else (), save_extra, restore_extra,
+            compute_device=model_patcher.load_device)
     report.denoise_seconds = time.perf_counter() - denoise_started
     report.seconds = time.perf_counter() - started
     latents = model_patcher.model.process_latent_out(latents.cpu())

@@ -135,3 +135,56 @@ def test_converter_script_writes_a_loadable_file(tiny_setup, tmp_path):
     written = load_file(str(target))
     assert written.keys() == convert_step_distill_lora(load_file(str(lora_path))).keys()
     assert "'modulation_diffs': 3" in result.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# The sampler node with the LoRA applied: the 4-step path and the sampler choice
+# --------------------------------------------------------------------------------------------------
+
+def _run_sampler(model, vae, acceleration="4-step LoRA", steps=30, sampler="euler", target_speedup=0.0):
+    from flashportrait_core.emotion_conditioning import EmotionConditioning
+
+    positive, negative, clip_output = pack.nodes.conditioning.FlashPortraitLoadConditioning.execute(
+        "tiny_prompt.safetensors").result
+    gen = torch.Generator().manual_seed(0)
+    emotion = EmotionConditioning(latent_tokens=torch.randn(4, 97, 64, generator=gen), num_video_frames=13,
+                                  ip_scale=1.0, emo_cfg=4.0, text_cfg=1.0)
+    reference = torch.rand(1, 40, 30, 3, generator=torch.Generator().manual_seed(1))
+    windows = pack.nodes.windows.WindowSettings(length=4, overlap=2)
+    out = pack.nodes.sampler.FlashPortraitSampler.execute(
+        model, positive, negative, clip_output, vae, reference, emotion, windows, 7, steps, 5.0, 32,
+        acceleration, target_speedup, sampler)
+    return out.result[0]["samples"], out.result[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tiny_setup, tiny_models_dir):
+    import comfy.sd
+    from flashportrait_core.checkpoints import load_state_dict
+
+    return comfy.sd.VAE(sd=load_state_dict(tiny_models_dir / "vae" / "wan_2.1_vae_tiny.safetensors"))
+
+
+def test_sampler_four_step_lora_path_runs_four_steps_with_the_lora(tiny_setup, tiny_vae):
+    model, _, converted_dir = tiny_setup
+    comfy.utils.save_torch_file(convert_step_distill_lora(load_file(str(tiny_setup[1]))),
+                                str(converted_dir / CONVERTED_NAME))
+    (with_lora,) = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, CONVERTED_NAME, 1.0)
+    latents, report = _run_sampler(with_lora, tiny_vae)
+    # 1 window of 4 latent frames x 4 steps x 2 guided passes (emotion CFG), ALP off.
+    assert report.splitlines()[0].startswith("1 window(s) x 4 steps, 8 DiT passes")
+    assert "ALP off; steps=30 not used" in report and "carries no LoRA" not in report
+    plain, plain_report = _run_sampler(model, tiny_vae)
+    assert "carries no LoRA" in plain_report
+    assert torch.isfinite(latents).all() and not torch.allclose(latents, plain)
+
+
+def test_sampler_adams2_costs_the_same_passes_and_refuses_alp(tiny_setup, tiny_vae):
+    model, _, _ = tiny_setup
+    euler, euler_report = _run_sampler(model, tiny_vae, acceleration="off", steps=4)
+    adams, adams_report = _run_sampler(model, tiny_vae, acceleration="off", steps=4, sampler="adams2")
+    assert euler_report.splitlines()[0].startswith("1 window(s) x 4 steps, 8 DiT passes")
+    assert adams_report.splitlines()[0].startswith("1 window(s) x 4 steps, 8 DiT passes")
+    assert not torch.allclose(euler, adams)
+    with pytest.raises(ValueError, match="do not combine"):
+        _run_sampler(model, tiny_vae, acceleration="quality", steps=4, sampler="adams2")
