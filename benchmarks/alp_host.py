@@ -79,12 +79,16 @@ def main() -> None:
     full_seconds = statistics.median(s for _, s in results["off"])
     print(f"\nbasic workflow, tiny models, 49 driving frames -> 13 latent frames, windows 8/4, "
           f"{args.steps} steps, {args.max_side}px; medians of {args.repeats} runs")
-    print(f"{'preset':<10} {'DiT passes':>10} {'passes ratio':>12} {'denoise s':>10} {'time ratio':>10}")
+    print(f"{'preset':<10} {'DiT passes':>10} {'passes ratio':>12} {'denoise s':>10} {'time ratio':>10} "
+          f"{'per-repeat ratios':>20}  denoise s of each repeat")
     for preset in PRESETS:
         passes = statistics.median(p for p, _ in results[preset])
         seconds = statistics.median(s for _, s in results[preset])
+        # Each repeat runs every preset back to back: its own full/preset ratio is less exposed to load drift.
+        ratios = [off[1] / mine[1] for off, mine in zip(results["off"], results[preset])]
         print(f"{preset:<10} {passes:>10.0f} {full_passes / passes:>11.2f}x {seconds:>10.2f} "
-              f"{full_seconds / seconds:>9.2f}x")
+              f"{full_seconds / seconds:>9.2f}x {' '.join(f'{r:.2f}' for r in ratios):>20}  "
+              f"{' '.join(f'{s:.1f}' for _, s in results[preset])}")
 
 
 if __name__ == "__main__":
