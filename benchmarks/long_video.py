@@ -8,6 +8,8 @@ wall time (queue to finished, server start excluded) are printed with their rati
 
     .venv/bin/python benchmarks/long_video.py                        # 1 and 10 minutes
     .venv/bin/python benchmarks/long_video.py --minutes 1            # only the 1-minute run
+    .venv/bin/python benchmarks/long_video.py --memory-table         # latent memory per window size (computed)
+    .venv/bin/python benchmarks/long_video.py --memory-check         # the host figure measured on this CPU
 
 Driving videos and results go to benchmarks/out/long_video/ (git-ignored); the driving videos are reused.
 """
@@ -137,6 +139,66 @@ def run_once(video: Path, frames: int, settings: Settings, tiny_models: Path, ru
                                                                                            // 200)]]}
 
 
+def latent_memory_mb(height: int, width: int, latent_frames: int, window: int, overlap: int, alp: bool,
+                     probe_blocks: int = 6, dit_dim: int = 5120, alp_order: int = 1) -> dict:
+    """Memory of the window loop's own tensors (float32), from their sizes; the model's weights and activations
+    come on top. Host: noise + latents + blend accumulator + the Euler update's two temporaries (5 full
+    latents), plus ALP's per-window state (order + 2 window latents and the probed block outputs). Device: the
+    window's latents and its velocity, plus ALP's state of the window being sampled."""
+    from flashportrait_core.windows import plan_windows
+
+    frame = 16 * (height // 8) * (width // 8) * 4
+    full, one_window = frame * latent_frames, frame * min(window, latent_frames)
+    windows = len(plan_windows(latent_frames, window, overlap).windows)
+    tokens = min(window, latent_frames) * (height // 16) * (width // 16)
+    probed_tokens = -(-tokens // max(1, tokens // 2048))  # BlockProbe keeps every stride-th token (<= ~4k)
+    alp_window = (alp_order + 2) * one_window + probe_blocks * probed_tokens * dit_dim * 4 if alp else 0
+    mb = 2 ** 20
+    return {"windows": windows, "full_latents_mb": full / mb, "host_mb": (5 * full + windows * alp_window) / mb,
+            "device_mb": (2 * one_window + alp_window) / mb, "alp_per_window_mb": alp_window / mb}
+
+
+def memory_table() -> None:
+    print("| output | latent frames | window / overlap | windows | host, ALP off | host, ALP on | device (latents "
+          "+ ALP) |")
+    print("|---|---|---|---|---|---|---|")
+    for height, width in ((720, 720), (416, 720)):
+        for minutes in (1, 10):
+            latent_frames = (minutes * 60 * FPS) // 4 + 1
+            for window, overlap in ((21, 10), (51, 30), (81, 40)):
+                off = latent_memory_mb(height, width, latent_frames, window, overlap, alp=False)
+                on = latent_memory_mb(height, width, latent_frames, window, overlap, alp=True)
+                print(f"| {width}x{height}, {minutes} min | {latent_frames} | {window} / {overlap} | {off['windows']} "
+                      f"| {off['host_mb'] / 1024:.1f} GB | {on['host_mb'] / 1024:.1f} GB | {off['device_mb']:.0f} + "
+                      f"{on['alp_per_window_mb']:.0f} MB |")
+
+
+def memory_check(height: int = 256, width: int = 256, latent_frames: int = 376, window: int = 21,
+                 overlap: int = 10) -> None:
+    """Peak RSS of the window loop on this CPU (storage = compute) against the computed host figure."""
+    import resource
+
+    import torch
+
+    from flashportrait_core.sampling import flow_sigmas, sample_flow_windows
+    from flashportrait_core.windows import plan_windows
+
+    torch.set_num_threads(1)
+    plan = plan_windows(latent_frames, window, overlap)
+    sigmas = flow_sigmas(3, 5.0)
+    warm = torch.zeros(1, 16, window, height // 8, width // 8)  # allocator and kernels warmed up, then freed
+    sample_flow_windows(warm, sigmas, plan_windows(window, window, 0), lambda x, s, k, i: x * 0.5)
+    del warm
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    noise = torch.randn(1, 16, latent_frames, height // 8, width // 8)
+    sample_flow_windows(noise, sigmas, plan, lambda x, s, k, i: x * 0.5)
+    measured = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    computed = latent_memory_mb(height, width, latent_frames, window, overlap, alp=False)
+    print(f"{width}x{height}, {latent_frames} latent frames, windows {window}/{overlap}: peak RSS grew "
+          f"{measured:.1f} MB; computed host {computed['host_mb']:.1f} MB + one window "
+          f"{computed['device_mb']:.1f} MB (compute device = host here)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, nargs="+", default=[1.0, 10.0])
@@ -147,7 +209,15 @@ def main() -> None:
     parser.add_argument("--overlap", type=int, default=4)
     parser.add_argument("--acceleration", default="off",
                         help="ALP preset (with 2 steps every step is computed anyway)")
+    parser.add_argument("--memory-table", action="store_true", help="print the computed latent memory table")
+    parser.add_argument("--memory-check", action="store_true", help="measure the window loop's host memory")
     args = parser.parse_args()
+    if args.memory_table or args.memory_check:
+        if args.memory_table:
+            memory_table()
+        if args.memory_check:
+            memory_check()
+        return
 
     tiny_models = REPO_ROOT / ".models" / "tiny"
     if not (tiny_models / "vae").is_dir():
