@@ -4,8 +4,8 @@ from __future__ import annotations
 from typing import Any
 
 
-def sampler_ui(report: Any) -> dict[str, list]:
-    """The report text plus its counts: windows, steps, DiT passes, steps computed and skipped by ALP.
+def sampler_ui(report: Any, text: str) -> dict[str, list]:
+    """The report ``text`` plus its counts: windows, latent frames, steps, DiT passes, ALP steps computed/skipped.
 
     ``report`` is the sampler's SamplingReport; with ALP off every step of every window is computed.
     ``latent_frames`` lets the Windows node feeding the sampler preview the plan of the real video.
@@ -15,7 +15,8 @@ def sampler_ui(report: Any) -> dict[str, list]:
         computed = sum(len(state.computed_steps) for state in report.alp_states)
     else:
         computed = total_steps
-    counts = {"windows": len(report.windows), "latent_frames": max(end for _, end in report.windows), "steps": report.steps, "dit_passes": sum(report.model_passes),
+    counts = {"windows": len(report.windows), "latent_frames": max(end for _, end in report.windows),
+              "steps": report.steps, "dit_passes": sum(report.model_passes),
               "steps_computed": computed, "steps_skipped": total_steps - computed,
               "seconds": round(report.seconds, 2)}
-    return {"text": [report.text()], "flashportrait_report": [counts]}
+    return {"text": [text], "flashportrait_report": [counts]}

@@ -9,6 +9,7 @@ from ..flashportrait_core.solvers import STEP_SOLVERS
 from ..flashportrait_core.validation import check_sampler_inputs, size_note, window_note
 from ..flashportrait_core.windows import plan_windows
 from . import types
+from .report_ui import sampler_ui
 from .wan_runner import generation_size, run_flashportrait_sampling
 
 
@@ -78,4 +79,6 @@ class FlashPortraitSampler(io.ComfyNode):
         latents, report = run_flashportrait_sampling(
             model, vae, positive[0][0], negative[0][0], clip_vision_output, reference_image, emotion, plan,
             seed, choice.steps, shift, height, width, choice.alp, choice.sigmas, choice.solver)
-        return io.NodeOutput({"samples": latents}, "\n".join([report.text(), *notes]))
+        text = "\n".join([report.text(), *notes])
+        # ui: shown on the node by web/flashportrait.js (pass counts) after the run.
+        return io.NodeOutput({"samples": latents}, text, ui=sampler_ui(report, text))
