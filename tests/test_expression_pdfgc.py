@@ -150,12 +150,15 @@ def test_features_of_real_crops(random_state_dict: dict[str, torch.Tensor], real
     assert features.abs().max().item() < 100
     assert (features[0] - features[3]).abs().max() > 1e-3
     # A second run gives identical numbers, laid out headpose 6 | eye 6 | emo 30 | mouth 512 (raw `to_mouth`).
+    assert torch.equal(expression_features(encoder, real_crops), features)
     with torch.inference_mode():
         parts = encoder(real_crops)
-    assert torch.equal(features, torch.cat([parts["headpose"], parts["eye"], parts["emo"], parts["mouth"]], dim=1))
-    assert torch.equal(features[:, :6], parts["headpose"])
-    assert torch.equal(features[:, 12:42], parts["emo"])
-    assert torch.equal(features[:, 42:], parts["mouth"])
+    close = {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(features, torch.cat([parts["headpose"], parts["eye"], parts["emo"], parts["mouth"]],
+                                                   dim=1), **close)
+    torch.testing.assert_close(features[:, :6], parts["headpose"], **close)
+    torch.testing.assert_close(features[:, 12:42], parts["emo"], **close)
+    torch.testing.assert_close(features[:, 42:], parts["mouth"], **close)
 
 
 def test_expression_features_rejects_bad_crops() -> None:
@@ -174,7 +177,7 @@ def test_channels_last_micro_batches_give_the_same_features(random_state_dict: d
     crops = torch.cat([real_crops, real_crops.flip(-1)[:2]])  # 6 crops
     seen: list[int] = []
     handle = encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
-    features = expression_features(encoder, crops)
+    features = expression_features(encoder, crops, cpu_forward=False)  # the module's own forward
     handle.remove()
     assert seen == [CPU_MICRO_BATCH, 6 - CPU_MICRO_BATCH]  # cache-sized micro-batches on the CPU
     assert encoder.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
@@ -184,3 +187,43 @@ def test_channels_last_micro_batches_give_the_same_features(random_state_dict: d
         parts = [reference(crop[None].contiguous()) for crop in crops]
     expected = torch.cat([torch.cat([p["headpose"], p["eye"], p["emo"], p["mouth"]], dim=1) for p in parts])
     torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-4)
+
+
+def _published_per_crop(state_dict: dict[str, torch.Tensor], crops: torch.Tensor) -> torch.Tensor:
+    """The published way: PyTorch's default layout, the module's forward, one crop at a time."""
+    reference = load_fan_encoder(state_dict)
+    with torch.inference_mode():
+        parts = [reference(crop[None].contiguous()) for crop in crops]
+    return torch.cat([torch.cat([p["headpose"], p["eye"], p["emo"], p["mouth"]], dim=1) for p in parts])
+
+
+def test_cpu_forward_matches_the_published_forward(random_state_dict: dict[str, torch.Tensor],
+                                                   real_crops: torch.Tensor) -> None:
+    from flashportrait_core.expression.pdfgc_cpu import build_cpu_plan, cpu_expression_forward
+
+    encoder = load_fan_encoder(random_state_dict)
+    crops = torch.cat([real_crops, real_crops.flip(-1)[:1]])  # 5 crops: a full micro-batch and a remainder
+    features = expression_features(encoder, crops)
+    expected = _published_per_crop(random_state_dict, crops)
+    # Float32 rounding only: folded BatchNorms and a different summation order.
+    relative = ((features - expected).abs().max() / expected.abs().max()).item()
+    assert relative < 1e-4
+    assert (features - expected).abs().max().item() > 0  # it is the other forward that ran
+    # The same numbers up to rounding with plain channels-last convolutions instead of prepacked weights.
+    plain = build_cpu_plan(encoder, prepack=False)
+    with torch.inference_mode():
+        unpacked = cpu_expression_forward(encoder, plain, crops[:1].contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(unpacked, features[:1], rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_forward_follows_new_weights(random_state_dict: dict[str, torch.Tensor],
+                                         real_crops: torch.Tensor) -> None:
+    encoder = load_fan_encoder(random_state_dict)
+    before = expression_features(encoder, real_crops[:1])
+    with torch.no_grad():  # written in place, as load_state_dict does: the prepared weights must be rebuilt
+        encoder.model.conv1.weight.mul_(0.5)
+        encoder.to_mouth[3].bias.add_(1.0)
+    after = expression_features(encoder, real_crops[:1])
+    changed = {key: value.clone() for key, value in encoder.state_dict().items()}
+    torch.testing.assert_close(after, _published_per_crop(changed, real_crops[:1]), rtol=1e-4, atol=1e-4)
+    assert (after - before).abs().max() > 0.5

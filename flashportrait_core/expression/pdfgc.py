@@ -187,26 +187,38 @@ def use_channels_last(encoder: nn.Module) -> nn.Module:
 CPU_MICRO_BATCH = 4
 
 
-def expression_features(encoder: FanEncoder, crops: torch.Tensor) -> torch.Tensor:
+def expression_features(encoder: FanEncoder, crops: torch.Tensor, cpu_forward: bool = True) -> torch.Tensor:
     """Aligned crops [B, 3, 224, 224] in [-1, 1] -> features [B, 554] = headpose 6 | eye 6 | emo 30 | mouth 512.
 
     Runs in eval mode (BatchNorm running statistics) without autograd, in the encoder's device and dtype,
     channels-last; on a CPU in micro-batches of CPU_MICRO_BATCH (each crop's features do not depend on the
-    others in eval mode).
+    others in eval mode). A float32 `FanEncoder` on the CPU runs the inference-only forward of `pdfgc_cpu`
+    (same features up to float32 rounding, faster); `cpu_forward=False` runs the module's own forward instead.
     """
     _check_crops(crops)
     if encoder.training:
         encoder.eval()
-    use_channels_last(encoder)
     parameter = next(encoder.parameters())
+    on_cpu = parameter.device.type == "cpu"
+    forward = _module_forward
+    if cpu_forward and on_cpu and parameter.dtype == torch.float32 and isinstance(encoder, FanEncoder):
+        from .pdfgc_cpu import cached_cpu_plan, cpu_expression_forward
+
+        plan = cached_cpu_plan(encoder)
+
+        def forward(module: nn.Module, part: torch.Tensor) -> torch.Tensor:
+            return cpu_expression_forward(module, plan, part)
+    else:
+        use_channels_last(encoder)
     crops = crops.to(device=parameter.device, dtype=parameter.dtype).contiguous(memory_format=torch.channels_last)
-    step = CPU_MICRO_BATCH if parameter.device.type == "cpu" else crops.shape[0]
+    step = CPU_MICRO_BATCH if on_cpu else crops.shape[0]
     with torch.inference_mode():
-        features = []
-        for part in crops.split(step):
-            parts = encoder(part)
-            features.append(torch.cat([parts["headpose"], parts["eye"], parts["emo"], parts["mouth"]], dim=1))
-        return torch.cat(features)
+        return torch.cat([forward(encoder, part) for part in crops.split(step)])
+
+
+def _module_forward(encoder: nn.Module, crops: torch.Tensor) -> torch.Tensor:
+    parts = encoder(crops)
+    return torch.cat([parts["headpose"], parts["eye"], parts["emo"], parts["mouth"]], dim=1)
 
 
 def load_fan_encoder(state_dict: Mapping[str, object]) -> FanEncoder:
