@@ -135,7 +135,9 @@ LOAD_AND_INSPECT = """
 # Fits the view to the nodes of the given types (every node when none given), without animation.
 FIT = """
 window.flashportraitFit = async (types) => {
-  const nodes = types?.length ? app.graph.nodes.filter((n) => types.includes(n.comfyClass)) : app.graph.nodes;
+  // Muted optional branches (mode 2) stay out of the close-ups.
+  const nodes = types?.length ? app.graph.nodes.filter((n) => types.includes(n.comfyClass) && n.mode === 0)
+                              : app.graph.nodes;
   app.canvas.deselectAll?.();
   app.canvas.selectItems?.(nodes);
   app.canvas.fitViewToSelectionAnimated({duration: 1});

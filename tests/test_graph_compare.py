@@ -115,3 +115,18 @@ def test_reports_show_full_and_accelerated_pass_counts(compare_run):
     assert computed + skipped == STEPS and skipped > 0
     # Each computed step costs the same guidance passes in both samplers.
     assert fast_passes * STEPS == full_passes * computed
+
+
+def test_samplers_send_their_counts_to_the_ui(compare_run):
+    prompt, entry = compare_run
+    counts = {prompt[node_id]["_meta"]["title"]: output["flashportrait_report"][0]
+              for node_id, output in entry["outputs"].items() if "flashportrait_report" in output}
+    full, fast = counts["Full (ALP off)"], counts["Accelerated (ALP fast)"]
+    assert (full["windows"], full["latent_frames"], full["steps"]) == (1, 3, STEPS)
+    assert (full["steps_computed"], full["steps_skipped"]) == (STEPS, 0)
+    assert fast["steps_computed"] + fast["steps_skipped"] == STEPS and fast["steps_skipped"] > 0
+    assert fast["dit_passes"] < full["dit_passes"]
+    texts = _texts(prompt, entry)
+    # The node's own text is the report its output socket carries.
+    assert "".join(entry["outputs"][next(i for i, n in prompt.items() if n["_meta"]["title"] == "Full (ALP off)")]
+                   ["text"]) == texts["Full sampler report"]

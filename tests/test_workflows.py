@@ -18,11 +18,15 @@ def test_workflows_are_shipped():
                                            "flashportrait_fast.json", "flashportrait_long.json"]
 
 
+@pytest.mark.parametrize("unmute", [False, True], ids=["as-shipped", "muted-nodes-enabled"])
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
-def test_workflow_matches_the_server_definitions(path, comfy_object_info):
+def test_workflow_matches_the_server_definitions(path, unmute, comfy_object_info):
     import json
 
     workflow = json.loads(path.read_text())
+    if unmute:  # optional branches ship muted; they must be valid once the user enables them
+        for node in workflow["nodes"]:
+            node["mode"] = 0
     assert any(node["type"] in UI_ONLY for node in workflow["nodes"]), "every workflow explains itself in a note"
     prompt = comfy_client.ui_to_api(workflow, comfy_object_info)
     for node_id, node in prompt.items():
@@ -49,7 +53,7 @@ def test_fast_and_compare_workflows_use_the_presets(comfy_object_info):
         return {node["_meta"]["title"]: node["inputs"] for node in prompt.values()
                 if node["class_type"] == "FlashPortraitSampler"}
 
-    assert [inputs["acceleration"] for inputs in samplers("flashportrait_fast.json").values()] == ["fast"]
+    assert [inputs["acceleration"] for inputs in samplers("flashportrait_fast.json").values()] == ["fast"]  # B muted
     compare = samplers("flashportrait_compare.json")
     assert {title: inputs["acceleration"] for title, inputs in compare.items()} == {
         "Full (ALP off)": "off", "Accelerated (ALP fast)": "fast"}
@@ -57,3 +61,22 @@ def test_fast_and_compare_workflows_use_the_presets(comfy_object_info):
     # Everything but the preset is shared: same seed, steps, inputs.
     assert {k: v for k, v in full.items() if k != "acceleration"} == \
         {k: v for k, v in fast.items() if k != "acceleration"}
+
+
+def test_fast_workflow_has_the_four_step_lora_branch(comfy_object_info):
+    import json
+
+    workflow = json.loads((WORKFLOWS[0].parent / "flashportrait_fast.json").read_text())
+    for node in workflow["nodes"]:
+        node["mode"] = 0
+    prompt = comfy_client.ui_to_api(workflow, comfy_object_info)
+    lora_id, lora = next((i, n) for i, n in prompt.items() if n["class_type"] == "LoraLoaderModelOnly")
+    assert lora["inputs"]["lora_name"] == "fast_lora_rank64.safetensors" and lora["inputs"]["strength_model"] == 1.0
+    assert prompt[lora["inputs"]["model"][0]]["class_type"] == "FlashPortraitModelLoader"
+    lora_samplers = [n for n in prompt.values() if n["class_type"] == "FlashPortraitSampler"
+                     and n["inputs"]["model"] == [lora_id, 0]]
+    assert [n["inputs"]["acceleration"] for n in lora_samplers] == ["4-step LoRA"]
+    # Shipped muted: a user without the LoRA file runs the ALP branch without a missing-file error.
+    shipped = comfy_client.ui_to_api(json.loads((WORKFLOWS[0].parent / "flashportrait_fast.json").read_text()),
+                                     comfy_object_info)
+    assert "LoraLoaderModelOnly" not in {n["class_type"] for n in shipped.values()}
