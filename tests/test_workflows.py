@@ -38,7 +38,9 @@ def test_workflow_matches_the_server_definitions(path, unmute, comfy_object_info
         for name, spec in (info["input"].get("required") or {}).items():
             assert name in node["inputs"], f"{path.name}: node {node_id} ({node['class_type']}) lacks {name}"
             value = node["inputs"][name]
-            options = spec[0] if isinstance(spec[0], list) else None
+            # Combos: a list of options, or ["COMBO", {"options": [...]}] for nodes on the newer schema.
+            options = spec[0] if isinstance(spec[0], list) else \
+                (spec[1].get("options") if spec[0] == "COMBO" and len(spec) > 1 else None)
             # Model file names depend on the user's folders; every other choice must be one the server offers.
             if options is not None and not str(value).endswith((".safetensors", ".pt", ".pth", ".png", ".mp4")):
                 assert value in options, f"{path.name}: node {node_id} {name}={value!r} not in {options}"
@@ -80,3 +82,19 @@ def test_fast_workflow_has_the_four_step_lora_branch(comfy_object_info):
     shipped = comfy_client.ui_to_api(json.loads((WORKFLOWS[0].parent / "flashportrait_fast.json").read_text()),
                                      comfy_object_info)
     assert "LoraLoaderModelOnly" not in {n["class_type"] for n in shipped.values()}
+
+
+def test_loader_dropdowns_list_the_files_in_the_model_folders(comfy_object_info, tiny_models_dir):
+    # The server finds the models through extra_model_paths.yaml (the tiny models folder); the pack's own
+    # folders (flashportrait, flashportrait_conditioning) are registered with folder_paths like ComfyUI's.
+    def options(node: str, name: str) -> list[str]:
+        spec = comfy_object_info[node]["input"]["required"][name]
+        return spec[0] if isinstance(spec[0], list) else spec[1]["options"]  # ["COMBO", {"options": ...}]
+
+    weights = sorted(p.name for p in (tiny_models_dir / "flashportrait").iterdir())
+    assert sorted(options("FlashPortraitModelLoader", "flashportrait_weights")) == weights
+    assert sorted(options("FlashPortraitPortraitEncoderLoader", "portrait_encoder")) == weights
+    assert sorted(options("FlashPortraitExpressionModelLoader", "expression_encoder")) == weights
+    assert options("FlashPortraitModelLoader", "wan_model") == ["wan2.1_i2v_tiny.safetensors"]
+    assert options("FlashPortraitLoadConditioning", "conditioning") == ["tiny_prompt.safetensors"]
+    assert "fast_lora_tiny.safetensors" in options("LoraLoaderModelOnly", "lora_name")
