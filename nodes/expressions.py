@@ -13,7 +13,7 @@ from ..flashportrait_core.expression.backends import resolve_face_backend
 from ..flashportrait_core.expression.extract import (extract_expression_features,
                                                      extract_expression_features_from_video)
 from ..flashportrait_core.expression.preview import (draw_face_overlay, face_tracks_for_frames,
-                                                     plot_expression_curves)
+                                                     landmarks_for_frames, plot_expression_curves)
 from . import types
 from .loaders import insightface_roots
 
@@ -206,20 +206,27 @@ class FlashPortraitPreviewFaces(io.ComfyNode):
             display_name="FlashPortrait Preview Faces",
             category="FlashPortrait",
             description="Draws the face box and the 5 alignment points over the driving frames, so you can see "
-                        "whether the face was followed: green box = detected, orange = interpolated.",
+                        "whether the face was followed: green box = detected, orange = interpolated. With the "
+                        "MediaPipe backend the 478 face-mesh landmarks are drawn too (cyan).",
             inputs=[
                 io.Image.Input("driving_frames", tooltip="The driving frames the expressions were extracted from "
                                                          "(the first N are drawn; a resized copy works too)."),
                 types.Expressions.Input("expressions", tooltip="From a FlashPortrait Extract Expressions node."),
+                io.Boolean.Input("draw_landmarks", default=True, optional=True,
+                                 tooltip="Also draw the face backend's dense landmarks where it has them "
+                                         "(MediaPipe's 478-point face mesh; insightface's detector has none)."),
             ],
             outputs=[io.Image.Output(display_name="preview")],
         )
 
     @classmethod
-    def execute(cls, driving_frames: torch.Tensor, expressions) -> io.NodeOutput:
+    def execute(cls, driving_frames: torch.Tensor, expressions, draw_landmarks: bool = True) -> io.NodeOutput:
         count, height, width = driving_frames.shape[:3]
         boxes, points, found = face_tracks_for_frames(expressions, count, height, width)
-        return io.NodeOutput(draw_face_overlay(driving_frames, boxes, points, found))
+        # Expressions made before dense landmarks were kept have no such field.
+        landmarks = (landmarks_for_frames(expressions, count, height, width)
+                     if draw_landmarks and getattr(expressions, "landmarks", None) is not None else None)
+        return io.NodeOutput(draw_face_overlay(driving_frames, boxes, points, found, landmarks))
 
 
 class FlashPortraitPlotExpressions(io.ComfyNode):

@@ -107,6 +107,12 @@ def test_preview_nodes_return_images(expression_model) -> None:
     (overlay,) = expressions_nodes.FlashPortraitPreviewFaces.execute(driving_frames=frames,
                                                                      expressions=expressions).result
     assert overlay.shape == frames.shape and not torch.equal(overlay, frames)
+    # The face mesh's landmarks are drawn by default and left out when the toggle is off.
+    assert expressions.landmarks.shape == (2, 478, 2)
+    (without,) = expressions_nodes.FlashPortraitPreviewFaces.execute(driving_frames=frames, expressions=expressions,
+                                                                     draw_landmarks=False).result
+    changed = (overlay != without).any(dim=-1)
+    assert 400 < int(changed[0].sum()) <= 478 and not torch.equal(without, frames)
     (plot,) = expressions_nodes.FlashPortraitPlotExpressions.execute(expressions=expressions, width=640,
                                                                      height=480).result
     assert plot.shape == (1, 480, 640, 3) and plot.dtype == torch.float32

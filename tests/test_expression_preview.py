@@ -15,10 +15,12 @@ from flashportrait_core.expression.mediapipe_backend import MediaPipeFaceBackend
 from flashportrait_core.expression.preview import (
     FILLED_COLOUR,
     FOUND_COLOUR,
+    LANDMARK_COLOUR,
     POINT_COLOURS,
     draw_face_overlay,
     expression_curves,
     face_tracks_for_frames,
+    landmarks_for_frames,
     plot_expression_curves,
 )
 
@@ -58,6 +60,50 @@ def test_overlay_draws_boxes_and_points(real) -> None:
     assert not torch.equal(overlay, frames)
     grey = draw_face_overlay(frames[:1, :, :, :1], boxes[:1], points[:1], found[:1])
     assert grey.shape == (1, 512, 512, 3)
+
+
+def _is_colour(image: torch.Tensor, colour: tuple[float, float, float]) -> torch.Tensor:
+    """[H, W] mask of the pixels that have exactly this colour."""
+    return (image - torch.tensor(colour)).abs().max(dim=-1).values < 1e-6
+
+
+def test_overlay_draws_the_dense_landmarks(real) -> None:
+    frames, expressions = real
+    landmarks = landmarks_for_frames(expressions, 7, 512, 512)
+    # MediaPipe's refined face mesh: 478 points per frame, NaN on the frame without a face (3).
+    assert landmarks.shape == (7, 478, 2)
+    assert torch.isnan(landmarks[3]).all() and torch.isfinite(landmarks[[0, 1, 2, 4, 5, 6]]).all()
+    boxes, points, found = face_tracks_for_frames(expressions, 7, 512, 512)
+    # The 5 alignment points are mesh points (before smoothing, which is off here).
+    torch.testing.assert_close(points[0, 2], landmarks[0, 1])
+    overlay = draw_face_overlay(frames, boxes, points, found, landmarks)
+    plain = draw_face_overlay(frames, boxes, points, found)
+    for index in (0, 6):
+        pixels = landmarks[index].round().long()
+        cyan = _is_colour(overlay[index], LANDMARK_COLOUR)
+        drawn = cyan[pixels[:, 1], pixels[:, 0]]
+        # Every landmark pixel is cyan except the few under the 5 points and the box drawn over them.
+        assert drawn.float().mean() > 0.9
+        # Nothing else changes: one-pixel dots at 512x512, at the landmark pixels only.
+        changed = (overlay[index] != plain[index]).any(dim=-1)
+        landmark_pixels = {(x, y) for x, y in pixels.tolist()}
+        assert {(x, y) for y, x in changed.nonzero().tolist()} <= landmark_pixels
+        assert int(changed.sum()) > 400
+        assert cyan[changed].all()
+    assert torch.equal(overlay[3], plain[3])  # no face, no landmarks drawn
+    # Frames shown at half size: landmarks scale with them.
+    torch.testing.assert_close(landmarks_for_frames(expressions, 7, 256, 256)[0], landmarks[0] / 2)
+    with pytest.raises(ValueError, match=r"landmarks must have shape \[7, K, 2\]"):
+        draw_face_overlay(frames, boxes, points, found, landmarks[:2])
+
+
+def test_landmarks_survive_frame_rate_conversion(real) -> None:
+    _, expressions = real
+    converted = resample_expressions(expressions, 15.0)  # every other 30 fps frame: 0, 2, 4, 6
+    torch.testing.assert_close(converted.landmarks, expressions.landmarks[[0, 2, 4, 6]], equal_nan=True)
+    half_way = resample_expressions(expressions, 20.0)  # positions 0, 1.5, 3, 4.5: 3 has no face
+    assert torch.isfinite(half_way.landmarks[[0, 1]]).all() and torch.isnan(half_way.landmarks[2]).all()
+    torch.testing.assert_close(half_way.landmarks[1], (expressions.landmarks[1] + expressions.landmarks[2]) / 2)
 
 
 def test_tracks_follow_resampled_and_resized_frames(real) -> None:

@@ -38,6 +38,8 @@ class ExpressionFeatures:
     found: [T] bool, False where the face was not seen. filled_frames: indices whose points were interpolated.
     fps: frame rate of these T frames. source_fps / source_frames: the driving video's, before any frame-rate
     conversion. frame_size: (height, width) of the driving frames, in which points and boxes are measured.
+    landmarks: [T, K, 2] float32 frame pixels, the backend's dense landmarks as detected (MediaPipe: 478; not
+    filled or smoothed, NaN where no face was seen), or None when the backend has none (insightface SCRFD).
     """
 
     features: torch.Tensor
@@ -51,6 +53,7 @@ class ExpressionFeatures:
     smoothing: float = 0.0
     frame_size: tuple[int, int] = (0, 0)
     notes: list[str] = field(default_factory=list)
+    landmarks: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not self.source_frames:
@@ -163,6 +166,7 @@ class StableTrack:
     boxes: np.ndarray  # [T, 4] float32
     found: np.ndarray  # [T] bool
     filled_frames: list[int]
+    landmarks: np.ndarray | None = None  # [T, K, 2] as detected (NaN where not found), when the backend has them
 
 
 def stabilize_track(track: FaceTrack, fps: float, smoothing: float) -> StableTrack:
@@ -182,6 +186,7 @@ def stabilize_track(track: FaceTrack, fps: float, smoothing: float) -> StableTra
         boxes=smooth_sequence(boxes, sizes, fps, smoothing),
         found=track.found.copy(),
         filled_frames=np.flatnonzero(~track.found).tolist(),
+        landmarks=track.landmarks,
     )
 
 
@@ -272,6 +277,7 @@ def _result(stable: StableTrack, features: torch.Tensor, fps: float, smoothing: 
         source_frames=int(features.shape[0]),
         smoothing=smoothing,
         frame_size=frame_size,
+        landmarks=None if stable.landmarks is None else torch.from_numpy(stable.landmarks),
     )
 
 

@@ -24,11 +24,14 @@ class FaceTrack:
     points: [B, 5, 2] float32 (x, y), order of POINT_NAMES, "left" meaning the image's left.
     boxes: [B, 4] float32 (x0, y0, x1, y1). Rows of frames without a face are NaN.
     found: [B] bool.
+    landmarks: [B, K, 2] float32, the backend's dense landmarks where it has them (MediaPipe's face mesh: 478),
+    else None. Rows of frames without a face are NaN.
     """
 
     points: np.ndarray
     boxes: np.ndarray
     found: np.ndarray
+    landmarks: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         count = self.found.shape[0]
@@ -36,21 +39,32 @@ class FaceTrack:
             raise ValueError(
                 f"inconsistent FaceTrack: points {self.points.shape}, boxes {self.boxes.shape}, found {self.found.shape}"
             )
+        if self.landmarks is not None and (self.landmarks.ndim != 3 or self.landmarks.shape[0] != count
+                                           or self.landmarks.shape[2] != 2):
+            raise ValueError(f"inconsistent FaceTrack: landmarks {self.landmarks.shape} for {count} frames")
 
     @classmethod
-    def empty(cls, count: int) -> FaceTrack:
+    def empty(cls, count: int, landmark_count: int = 0) -> FaceTrack:
+        """NaN rows for `count` frames; with room for `landmark_count` dense landmarks per frame when > 0."""
         return cls(
             points=np.full((count, 5, 2), np.nan, dtype=np.float32),
             boxes=np.full((count, 4), np.nan, dtype=np.float32),
             found=np.zeros(count, dtype=bool),
+            landmarks=np.full((count, landmark_count, 2), np.nan, dtype=np.float32) if landmark_count else None,
         )
 
     @classmethod
     def concatenate(cls, tracks: list[FaceTrack]) -> FaceTrack:
+        # Dense landmarks are kept only when every part has the same kind.
+        kinds = {None if t.landmarks is None else t.landmarks.shape[1] for t in tracks}
+        landmarks = None
+        if len(kinds) == 1 and None not in kinds:
+            landmarks = np.concatenate([t.landmarks for t in tracks])
         return cls(
             points=np.concatenate([t.points for t in tracks]),
             boxes=np.concatenate([t.boxes for t in tracks]),
             found=np.concatenate([t.found for t in tracks]),
+            landmarks=landmarks,
         )
 
 

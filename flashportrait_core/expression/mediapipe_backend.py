@@ -20,6 +20,7 @@ import numpy as np
 from .face_track import REACQUIRE_AFTER_FRAMES, FaceTrack, choose_face
 
 MESH_POINT_INDICES = (468, 473, 1, 61, 291)
+MESH_LANDMARKS = 478  # the refined mesh: 468 face points + 2 x 5 iris points, all kept for the preview
 MEDIAPIPE_PIN = "mediapipe==0.10.21"
 # Window side relative to the face box, and the smallest window the mesh sees (small crops are upscaled).
 DETECTION_WINDOW_SCALE = 2.2
@@ -164,11 +165,12 @@ class MediaPipeFaceBackend:
         _check_frames(frames_uint8)
         if reset or self._frame_mesh is None:
             self.reset()
-        track = FaceTrack.empty(frames_uint8.shape[0])
+        track = FaceTrack.empty(frames_uint8.shape[0], landmark_count=MESH_LANDMARKS)
         for index, frame in enumerate(frames_uint8):
             landmarks = self._detect_frame(np.ascontiguousarray(frame))
             self._remember(landmarks)
             if landmarks is not None:
+                track.landmarks[index] = landmarks[:MESH_LANDMARKS]
                 track.points[index] = landmarks[list(MESH_POINT_INDICES)]
                 track.boxes[index] = _box_of(landmarks[:468])
                 track.found[index] = True

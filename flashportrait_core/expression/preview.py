@@ -1,6 +1,7 @@
 """Pictures that show whether extraction held: face boxes and points over the frames, expression curves.
 
-`draw_face_overlay` works on IMAGE-layout tensors; `plot_expression_curves` renders with matplotlib (Agg, no
+`draw_face_overlay` works on IMAGE-layout tensors (boxes, the 5 points, and the dense landmarks where the face
+backend has them); `plot_expression_curves` renders with matplotlib (Agg, no
 display needed; imported only when called).
 """
 
@@ -17,16 +18,14 @@ from .pdfgc import EMO_DIM, EYE_DIM, HEADPOSE_DIM
 FOUND_COLOUR = (0.1, 0.9, 0.2)
 FILLED_COLOUR = (1.0, 0.55, 0.0)
 POINT_COLOURS = ((0.2, 0.6, 1.0), (0.2, 0.6, 1.0), (1.0, 0.2, 0.2), (1.0, 0.9, 0.1), (1.0, 0.9, 0.1))
+LANDMARK_COLOUR = (0.0, 1.0, 1.0)  # dense landmarks (MediaPipe's face mesh), drawn under the 5 points
 EMOTION_CURVES = 4  # emotion dimensions plotted: the ones that vary most over the video
 
 
-def face_tracks_for_frames(expressions: ExpressionFeatures, frame_count: int, frame_height: int,
-                           frame_width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Boxes [N, 4], points [N, 5, 2] and found [N] for the first N = frame_count driving frames.
-
-    Expressions converted to another frame rate are interpolated back to the driving frames' times; points are
-    scaled when the frames were resized after extraction.
-    """
+def _frame_mapping(expressions: ExpressionFeatures, frame_count: int, frame_height: int, frame_width: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """For each driving frame: the two sequence entries around its time, the weight of the later one, and the
+    pixel scale (x, y) from the extraction's frames to these (None when the size is the same)."""
     total = expressions.points.shape[0]
     if expressions.source_frames < frame_count:
         raise ValueError(f"the expressions cover {expressions.source_frames} driving frames, driving_frames has "
@@ -36,15 +35,42 @@ def face_tracks_for_frames(expressions: ExpressionFeatures, frame_count: int, fr
     lower = positions.floor().long()
     upper = (lower + 1).clamp(max=total - 1)
     weight = (positions - lower).float()
+    source_height, source_width = expressions.frame_size
+    scale = None
+    if source_height and source_width and (source_height, source_width) != (frame_height, frame_width):
+        scale = torch.tensor([frame_width / source_width, frame_height / source_height])
+    return lower, upper, weight, scale
+
+
+def face_tracks_for_frames(expressions: ExpressionFeatures, frame_count: int, frame_height: int,
+                           frame_width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Boxes [N, 4], points [N, 5, 2] and found [N] for the first N = frame_count driving frames.
+
+    Expressions converted to another frame rate are interpolated back to the driving frames' times; points are
+    scaled when the frames were resized after extraction.
+    """
+    lower, upper, weight, scale = _frame_mapping(expressions, frame_count, frame_height, frame_width)
     points = expressions.points[lower] * (1 - weight)[:, None, None] + expressions.points[upper] * weight[:, None, None]
     boxes = expressions.boxes[lower] * (1 - weight)[:, None] + expressions.boxes[upper] * weight[:, None]
     found = expressions.found[lower] & expressions.found[upper]
-    source_height, source_width = expressions.frame_size
-    if source_height and source_width and (source_height, source_width) != (frame_height, frame_width):
-        scale = torch.tensor([frame_width / source_width, frame_height / source_height])
+    if scale is not None:
         points = points * scale
         boxes = boxes * scale.repeat(2)
     return boxes, points, found
+
+
+def landmarks_for_frames(expressions: ExpressionFeatures, frame_count: int, frame_height: int,
+                         frame_width: int) -> torch.Tensor | None:
+    """Dense landmarks [N, K, 2] for the first N = frame_count driving frames (NaN where no face was seen), or
+    None when the face backend gave none. Mapped to the frames' times and size like `face_tracks_for_frames`."""
+    if expressions.landmarks is None:
+        return None
+    lower, upper, weight, scale = _frame_mapping(expressions, frame_count, frame_height, frame_width)
+    landmarks = expressions.landmarks.float()
+    mixed = landmarks[lower] * (1 - weight)[:, None, None] + landmarks[upper] * weight[:, None, None]
+    # An entry of weight 0 is not read: a frame that falls on a detected frame keeps its landmarks.
+    mixed = torch.where((weight <= 0)[:, None, None], landmarks[lower], mixed)
+    return mixed if scale is None else mixed * scale
 
 
 def _paint(frame: torch.Tensor, y0: int, y1: int, x0: int, x1: int, colour: torch.Tensor) -> None:
@@ -54,22 +80,41 @@ def _paint(frame: torch.Tensor, y0: int, y1: int, x0: int, x1: int, colour: torc
         frame[y0:y1, x0:x1] = colour
 
 
+def _paint_dots(frame: torch.Tensor, centres: torch.Tensor, radius: int, colour: torch.Tensor) -> None:
+    """Square dots of side 2 * radius + 1 at pixel centres [K, 2] (x, y); NaN and off-frame parts are skipped."""
+    centres = centres[torch.isfinite(centres).all(dim=1)].round().long()
+    if centres.shape[0] == 0:
+        return
+    height, width = frame.shape[:2]
+    offsets = torch.arange(-radius, radius + 1)
+    xs = (centres[:, 0, None, None] + offsets[None, None, :]).expand(-1, offsets.numel(), -1).reshape(-1)
+    ys = (centres[:, 1, None, None] + offsets[None, :, None]).expand(-1, -1, offsets.numel()).reshape(-1)
+    inside = (xs >= 0) & (xs < width) & (ys >= 0) & (ys < height)
+    frame[ys[inside], xs[inside]] = colour
+
+
 def draw_face_overlay(frames: torch.Tensor, boxes: torch.Tensor, points: torch.Tensor,
-                      found: torch.Tensor) -> torch.Tensor:
+                      found: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
     """Frames [N, H, W, C] in [0, 1] -> RGB copies [N, H, W, 3] with each face box and its 5 points drawn.
 
-    Boxes are green where the face was detected and orange where its points were interpolated. Line width and
-    point size follow the frame size.
+    Boxes are green where the face was detected and orange where its points were interpolated. `landmarks`
+    [N, K, 2] (the backend's dense landmarks, NaN where none) are drawn as small cyan dots under the 5 points.
+    Line width and point size follow the frame size.
     """
     if frames.ndim != 4 or frames.shape[-1] not in (1, 3, 4):
         raise ValueError(f"frames must have shape [N, H, W, C] with C = 1, 3 or 4, got {list(frames.shape)}")
     if boxes.shape[0] != frames.shape[0] or points.shape[0] != frames.shape[0]:
         raise ValueError(f"{frames.shape[0]} frames but {boxes.shape[0]} boxes and {points.shape[0]} point sets")
+    if landmarks is not None and (landmarks.ndim != 3 or landmarks.shape[0] != frames.shape[0]
+                                  or landmarks.shape[2] != 2):
+        raise ValueError(f"landmarks must have shape [{frames.shape[0]}, K, 2] (one set per frame), "
+                         f"got {list(landmarks.shape)}")
     canvas = frames[..., :3].expand(-1, -1, -1, 3).float().clone() if frames.shape[-1] == 1 else \
         frames[..., :3].float().clone()
     height, width = canvas.shape[1:3]
     line = max(1, round(min(height, width) / 256))
     radius = max(2, round(min(height, width) / 160))
+    landmark_radius = min(height, width) // 768  # one-pixel dots below 768 pixels, 3x3 up to 1535, ...
     found_colour, filled_colour = torch.tensor(FOUND_COLOUR), torch.tensor(FILLED_COLOUR)
     point_colours = torch.tensor(POINT_COLOURS)
     for index in range(canvas.shape[0]):
@@ -82,6 +127,8 @@ def draw_face_overlay(frames: torch.Tensor, boxes: torch.Tensor, points: torch.T
             _paint(frame, y1 - line, y1 + line, x0 - line, x1 + line, colour)
             _paint(frame, y0 - line, y1 + line, x0 - line, x0 + line, colour)
             _paint(frame, y0 - line, y1 + line, x1 - line, x1 + line, colour)
+        if landmarks is not None:
+            _paint_dots(frame, landmarks[index].float(), landmark_radius, torch.tensor(LANDMARK_COLOUR))
         for point, colour in zip(points[index].tolist(), point_colours):
             if all(np.isfinite(point)):
                 x, y = (int(round(v)) for v in point)

@@ -42,6 +42,16 @@ def _interpolate(values: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
     return mixed.to(values.dtype)
 
 
+def _interpolate_gaps(values: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
+                      weight: torch.Tensor) -> torch.Tensor:
+    """Like `_interpolate` for values with NaN rows (frames without a face): a neighbour of weight 0 is not
+    read, so an output frame on a found source frame keeps its values even beside a missing one."""
+    shape = (-1,) + (1,) * (values.ndim - 1)
+    mixed = _interpolate(values, lower, upper, weight)
+    mixed = torch.where((weight <= 0).reshape(shape), values[lower], mixed)
+    return torch.where((weight >= 1).reshape(shape), values[upper], mixed)
+
+
 def resample_expressions(expressions: ExpressionFeatures, target_fps: float) -> ExpressionFeatures:
     """The sequence at `target_fps` (linear interpolation in time); unchanged when the rates are equal."""
     source_fps = expressions.fps
@@ -62,6 +72,8 @@ def resample_expressions(expressions: ExpressionFeatures, target_fps: float) -> 
         features=_interpolate(expressions.features, lower, upper, weight),
         points=_interpolate(expressions.points, lower, upper, weight),
         boxes=_interpolate(expressions.boxes, lower, upper, weight),
+        landmarks=None if expressions.landmarks is None else _interpolate_gaps(expressions.landmarks, lower, upper,
+                                                                               weight),
         found=found,
         filled_frames=torch.nonzero(~found).flatten().tolist(),
         fps=float(target_fps),
