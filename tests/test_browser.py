@@ -163,6 +163,41 @@ EXECUTED = """
 """
 
 
+# Runs in the page: settings the server would round or refuse, and the hints the pack shows for them.
+HINTS = """
+(async () => {
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  const find = (type) => app.graph.nodes.find((n) => n.comfyClass === type && n.mode === 0);
+  const widget = (node, name) => node.widgets.find((w) => w.name === name);
+  const badges = (node) => node.badges.map((b) => (typeof b === "function" ? b() : b)).map((b) => b.text);
+  const sampler = find("FlashPortraitSampler"), windows = find("FlashPortraitWindows");
+  const before = {sampler: badges(sampler), windows: badges(windows)};
+  widget(sampler, "max_side").value = 700;
+  widget(windows, "overlap").value = 60;
+  widget(windows, "overlap").callback?.(60);
+  await sleep(800);
+  const plan = widget(windows, "window_plan").element;
+  const notices = [];
+  const toast = app.extensionManager.toast;
+  const add = toast.add;
+  toast.add = (message) => { notices.push(message); };
+  const queued = [];
+  const {api} = window.comfyAPI.api;
+  const queuePromptApi = api.queuePrompt;
+  api.queuePrompt = async (...args) => { queued.push(args[0]); return {prompt_id: "browser-test", number: 0}; };
+  try { await app.queuePrompt(0, 1); } finally { toast.add = add; api.queuePrompt = queuePromptApi; }
+  const after = {sampler: badges(sampler), windows: badges(windows), caption: plan.innerText,
+                 drawn: plan.dataset.drawn};
+  widget(sampler, "max_side").value = 720;
+  widget(windows, "overlap").value = 30;
+  widget(windows, "overlap").callback?.(30);
+  await sleep(500);
+  return {before, after, notices: notices.map((n) => ({summary: n.summary, detail: n.detail})),
+          queued: queued.length, restored: {sampler: badges(sampler), windows: badges(windows)}};
+})()
+"""
+
+
 async def _open_page(browser: str, user_dir: str):
     import aiohttp
 
@@ -251,6 +286,8 @@ async def _run_browser(server_url: str, workflows: list[Path], out_dir: Path, br
                 await tools.evaluate("window.flashportraitFit([])")
                 results[path.name]["overview"] = _save_screenshot(
                     await tools.screenshot(), path.stem + "_overview.png", out_dir)
+                if path.stem == "flashportrait_basic":
+                    results[path.name]["hints"] = await tools.evaluate(HINTS)
                 if path.stem == "flashportrait_fast":
                     sampler = next(n for n in inspected["nodes"] if n["type"] == "FlashPortraitSampler")
                     output = {"text": ["4 window(s) x 8 steps, 15 DiT passes, 1.0 s (denoising 0.9 s)"],
@@ -342,3 +379,27 @@ def test_screenshots_are_real_images(browser_results):
         pixels = np.asarray(image.convert("RGB"))
         assert pixels.std() > 5  # a graph was drawn, not a blank page
         assert browser_results[name]["screenshot"].is_file()
+
+
+def test_input_hints_before_queueing(browser_results):
+    hints = browser_results["flashportrait_basic.json"]["hints"]
+    # The pack's two badges come last (the front-end's own source badge may come first).
+    assert {k: v[-2:] for k, v in hints["before"].items()} == {"sampler": ["⚡ FP", ""], "windows": ["⚡ FP", ""]}
+    assert hints["after"]["sampler"][-2:] == ["⚡ FP", "⚠ 1"]  # max_side 700 is rounded
+    assert hints["after"]["windows"][-2:] == ["⚡ FP", "✖ 1"]  # overlap 60 >= window_length 51 is refused
+    assert "overlap 60 must be smaller than window_length 51" in hints["after"]["caption"]
+    assert hints["after"]["drawn"] == "0"  # the server refuses that plan; nothing stale is left drawn
+    # Queueing shows every hint first and still hands the prompt on (the server decides).
+    assert hints["queued"] == 1
+    [notice] = hints["notices"]
+    assert notice["summary"] == "FlashPortrait input hints"
+    assert "max_side 700 is not a multiple of 16: sides are rounded up to 704" in notice["detail"]
+    assert "overlap 60 must be smaller than window_length 51" in notice["detail"]
+    assert hints["restored"] == hints["before"]
+
+
+def test_workflows_are_served_as_templates(comfy_server):
+    with urllib.request.urlopen(f"{comfy_server.url}/api/workflow_templates", timeout=30) as response:
+        templates = json.loads(response.read())
+    ours = next(names for pack, names in templates.items() if "flashportrait" in pack.lower())
+    assert sorted(ours) == sorted(p.stem for p in WORKFLOWS)

@@ -199,6 +199,8 @@ function addWindowPlanWidget(node) {
       container.dataset.drawn = "1";
     } catch (error) {
       if (mine !== request) return;
+      lastPlan = null;
+      canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height); // no stale plan beside the error
       caption.textContent = String(error.message ?? error);
       container.dataset.drawn = "0";
     }
