@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -78,8 +79,8 @@ def make_driving_video(path: Path, seconds: float, side: int) -> int:
 class PeakMemory:
     """Polls a process's VmRSS (for the curve) and reads its VmHWM (the kernel's exact peak) at the end."""
 
-    def __init__(self, pid: int, interval: float = 1.0):
-        self.pid, self.interval = pid, interval
+    def __init__(self, pid: int, interval: float = 1.0, log_path: Path | None = None):
+        self.pid, self.interval, self.log_path = pid, interval, log_path
         self.samples: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -92,8 +93,15 @@ class PeakMemory:
 
     def _poll(self) -> None:
         started = time.monotonic()
+        log = open(self.log_path, "w") if self.log_path else None
         while not self._stop.wait(self.interval):
             self.samples.append((time.monotonic() - started, self._field_mb("VmRSS")))
+            if log is not None:  # progress survives a run that is stopped early
+                log.write(f"{self.samples[-1][0]:.1f} s  RSS {self.samples[-1][1]:.1f} MB  "
+                          f"peak {self._field_mb('VmHWM'):.1f} MB\n")
+                log.flush()
+        if log is not None:
+            log.close()
 
     def __enter__(self) -> "PeakMemory":
         self.at_start_mb = self._field_mb("VmRSS")
@@ -117,7 +125,7 @@ def run_once(video: Path, frames: int, settings: Settings, tiny_models: Path, ru
         info = comfy_client.object_info(server.url)
         prompt = comfy_client.ui_to_api(load_ui_workflow(LONG_WORKFLOW), info)
         prepare_prompt(prompt, TINY_MODELS, REFERENCE.name, video.name, settings)
-        with PeakMemory(server.process.pid) as memory:
+        with PeakMemory(server.process.pid, log_path=run_dir.with_suffix(".rss.log")) as memory:
             started = time.perf_counter()
             entry = comfy_client.run_prompt(server.url, prompt, timeout=4 * 3600, is_alive=server.is_running)
             wall = time.perf_counter() - started
@@ -200,6 +208,7 @@ def memory_check(height: int = 256, width: int = 256, latent_frames: int = 376, 
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped"))  # so the server is stopped too
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, nargs="+", default=[1.0, 10.0])
     parser.add_argument("--side", type=int, default=256, help="driving video side (pixels)")
