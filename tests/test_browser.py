@@ -198,6 +198,31 @@ HINTS = """
 """
 
 
+SOLVER_HINTS = """
+(() => {
+  const badges = (node) => node.badges.map((b) => (typeof b === "function" ? b() : b)).map((b) => b.text);
+  const samplers = app.graph.nodes.filter((n) => n.comfyClass === "FlashPortraitSampler");
+  const byTitle = Object.fromEntries(samplers.map((n) => [n.title, n]));
+  const alp = samplers.find((n) => n.widgets.find((w) => w.name === "acceleration").value === "fast");
+  const lora = samplers.find((n) => n.widgets.find((w) => w.name === "acceleration").value === "4-step LoRA");
+  const result = {alp: badges(alp).at(-1), lora: badges(lora).at(-1)};
+  const solver = alp.widgets.find((w) => w.name === "sampler");
+  solver.value = "adams2";
+  result.alp_adams2 = badges(alp).at(-1);
+  solver.value = "euler";
+  // The 4-step sampler fed straight from the model loader, without the LoRA:
+  const loader = app.graph.nodes.find((n) => n.comfyClass === "FlashPortraitModelLoader");
+  const linkId = lora.inputs[lora.findInputSlot("model")].link;
+  const loraNode = lora.getInputNode(lora.findInputSlot("model"));
+  loader.connect(0, lora, lora.findInputSlot("model"));
+  result.lora_without_lora = badges(lora).at(-1);
+  loraNode.connect(0, lora, lora.findInputSlot("model"));
+  result.restored = badges(lora).at(-1);
+  return result;
+})()
+"""
+
+
 async def _open_page(browser: str, user_dir: str):
     import aiohttp
 
@@ -289,6 +314,7 @@ async def _run_browser(server_url: str, workflows: list[Path], out_dir: Path, br
                 if path.stem == "flashportrait_basic":
                     results[path.name]["hints"] = await tools.evaluate(HINTS)
                 if path.stem == "flashportrait_fast":
+                    results[path.name]["solver_hints"] = await tools.evaluate(SOLVER_HINTS)
                     sampler = next(n for n in inspected["nodes"] if n["type"] == "FlashPortraitSampler")
                     output = {"text": ["4 window(s) x 8 steps, 15 DiT passes, 1.0 s (denoising 0.9 s)"],
                               "flashportrait_report": [{"windows": 4, "latent_frames": 9, "steps": 8,
@@ -403,3 +429,8 @@ def test_workflows_are_served_as_templates(comfy_server):
         templates = json.loads(response.read())
     ours = next(names for pack, names in templates.items() if "flashportrait" in pack.lower())
     assert sorted(ours) == sorted(p.stem for p in WORKFLOWS)
+
+
+def test_sampler_choice_hints(browser_results):
+    hints = browser_results["flashportrait_fast.json"]["solver_hints"]
+    assert hints == {"alp": "", "lora": "", "alp_adams2": "✖ 1", "lora_without_lora": "⚠ 1", "restored": ""}

@@ -19,6 +19,7 @@ const OVERLAP_COLOR = "#c95fd1";
 const PLAN_HEIGHT = 96;
 const DEFAULT_PREVIEW_FRAMES = 500; // 20 s at 25 fps, until a run gives the real count
 const SIDE_MULTIPLE = 16;
+const FOUR_STEP_LORA = "4-step LoRA";
 const BADGE_TEXT = "⚡ FP"; // the host's own source badge may already show the pack's full name
 
 const isPackNode = (node) => node.comfyClass?.startsWith(PACK_PREFIX);
@@ -40,6 +41,23 @@ const HINT_RULES = {
     const speedup = Number(valueOf(node, "target_speedup"));
     if (speedup > 0 && speedup < 1) {
       hints.push({ level: "error", text: `target_speedup ${speedup} is below 1: use 0 for the preset or a value of 1 or more` });
+    }
+    // The sampler checks these only when it runs, after the models are loaded: say so before queueing.
+    const acceleration = valueOf(node, "acceleration");
+    const solver = valueOf(node, "sampler") ?? "euler";
+    const fourStep = acceleration === FOUR_STEP_LORA;
+    if (solver !== "euler" && (fourStep || acceleration !== "off" || speedup >= 1)) {
+      const what = fourStep ? `acceleration '${FOUR_STEP_LORA}'` : speedup >= 1 ? `target_speedup ${speedup}` : `acceleration '${acceleration}'`;
+      hints.push({ level: "error", text: `sampler ${solver} does not combine with ${what}: set sampler to euler or acceleration to off` });
+    }
+    if (solver === "adams3" && !fourStep && Number(valueOf(node, "steps")) < 8) {
+      hints.push({ level: "error", text: "sampler adams3 needs at least 8 steps" });
+    }
+    if (fourStep) {
+      const model = node.getInputNode?.(node.findInputSlot("model"));
+      if (model && !/lora/i.test(model.comfyClass ?? "")) {
+        hints.push({ level: "warn", text: `${FOUR_STEP_LORA} without a LoRA loader before the model: 4 steps give a blurred result` });
+      }
     }
     return hints;
   },
