@@ -198,6 +198,21 @@ HINTS = """
 """
 
 
+# What the front-end saves and queues for the pack's nodes: the preview widgets stay out of both.
+SAVED = """
+(async () => {
+  const windows = app.graph.nodes.find((n) => n.comfyClass === "FlashPortraitWindows");
+  const sampler = app.graph.nodes.find((n) => n.comfyClass === "FlashPortraitSampler");
+  windows.flashportraitSetPreviewFrames(777);
+  const saved = app.graph.serialize().nodes;
+  const {output} = await app.graphToPrompt();
+  const of = (node) => saved.find((n) => n.id === node.id);
+  return {windows: {widgets_values: of(windows).widgets_values, properties: of(windows).properties,
+                    inputs: output[String(windows.id)].inputs},
+          sampler: {widgets_values: of(sampler).widgets_values, inputs: Object.keys(output[String(sampler.id)].inputs)}};
+})()
+"""
+
 SOLVER_HINTS = """
 (() => {
   const badges = (node) => node.badges.map((b) => (typeof b === "function" ? b() : b)).map((b) => b.text);
@@ -313,6 +328,7 @@ async def _run_browser(server_url: str, workflows: list[Path], out_dir: Path, br
                     await tools.screenshot(), path.stem + "_overview.png", out_dir)
                 if path.stem == "flashportrait_basic":
                     results[path.name]["hints"] = await tools.evaluate(HINTS)
+                    results[path.name]["saved"] = await tools.evaluate(SAVED)
                 if path.stem == "flashportrait_fast":
                     results[path.name]["solver_hints"] = await tools.evaluate(SOLVER_HINTS)
                     sampler = next(n for n in inspected["nodes"] if n["type"] == "FlashPortraitSampler")
@@ -434,3 +450,12 @@ def test_workflows_are_served_as_templates(comfy_server):
 def test_sampler_choice_hints(browser_results):
     hints = browser_results["flashportrait_fast.json"]["solver_hints"]
     assert hints == {"alp": "", "lora": "", "alp_adams2": "✖ 1", "lora_without_lora": "⚠ 1", "restored": ""}
+
+
+def test_preview_widgets_are_neither_saved_as_values_nor_queued(browser_results):
+    saved = browser_results["flashportrait_basic.json"]["saved"]
+    assert saved["windows"]["widgets_values"] == [51, 30]
+    assert saved["windows"]["properties"]["preview_frames"] == 777  # kept with the workflow, front-end only
+    assert saved["windows"]["inputs"] == {"window_length": 51, "overlap": 30}
+    assert saved["sampler"]["widgets_values"] == [42, "fixed", 30, 5.0, 720, "quality", 0.0, "euler"]
+    assert "alp_report" not in saved["sampler"]["inputs"]
