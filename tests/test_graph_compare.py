@@ -1,7 +1,8 @@
 """The shipped comparison workflow through a real ComfyUI server: full and accelerated side by side.
 
 Tiny models, real media. Both samplers read the same inputs and seed; the test checks the stitched video's
-layout, that the full half is the same video the full sampler alone gives, and the pass counts.
+layout (full left, accelerated right, each at the sampler's size), that the halves differ, the reports' pass
+counts and the counts each sampler sends to the UI.
 """
 from __future__ import annotations
 
