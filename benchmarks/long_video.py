@@ -9,6 +9,7 @@ wall time (queue to finished, server start excluded) are printed with their rati
     .venv/bin/python benchmarks/long_video.py                        # 1 and 10 minutes
     .venv/bin/python benchmarks/long_video.py --minutes 1            # only the 1-minute run
     .venv/bin/python benchmarks/long_video.py --memory-table         # latent memory per window size (computed)
+    .venv/bin/python benchmarks/long_video.py --after-extraction     # conditioning, sampler, decode in-process
     .venv/bin/python benchmarks/long_video.py --memory-check         # the host figure measured on this CPU
 
 Driving videos and results go to benchmarks/out/long_video/ (git-ignored); the driving videos are reused.
@@ -207,6 +208,91 @@ def memory_check(height: int = 256, width: int = 256, latent_frames: int = 376, 
           f"{computed['device_mb']:.1f} MB (compute device = host here)")
 
 
+def stage_worker(minutes: float, max_side: int, steps: int, window: int, overlap: int, acceleration: str) -> dict:
+    """Conditioning, sampler and decode nodes in this process (as the server runs them, in inference mode) on
+    stand-in expression features for ``minutes`` of 25 fps driving video; wall time and peak RSS per stage."""
+    import resource
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from pack import import_pack
+
+    pack = import_pack()
+    import comfy.sd
+    import folder_paths
+
+    def peak_mb() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    tiny = REPO_ROOT / ".models" / "tiny"
+    for folder in ("diffusion_models", "vae", "flashportrait", "flashportrait_conditioning"):
+        folder_paths.add_model_folder_path(folder, str(tiny / folder))
+    pack.nodes.register_model_folders()
+    folder_paths.set_output_directory(str(OUT / f"stages_{minutes:g}min"))
+    nodes, core = pack.nodes, pack.flashportrait_core
+    with torch.inference_mode():
+        model = nodes.loaders.FlashPortraitModelLoader.execute(TINY_MODELS.wan, TINY_MODELS.transformer,
+                                                               "default").result[0]
+        vae = comfy.sd.VAE(sd=core.checkpoints.load_state_dict(tiny / "vae" / TINY_MODELS.vae))
+        encoder = nodes.loaders.FlashPortraitPortraitEncoderLoader.execute(TINY_MODELS.portrait_encoder).result[0]
+        positive, negative, clip_output = nodes.conditioning.FlashPortraitLoadConditioning.execute(
+            TINY_MODELS.precomputed_conditioning).result
+        reference = torch.from_numpy(np.asarray(Image.open(REFERENCE).convert("RGB"), dtype=np.float32) / 255)[None]
+        # Stand-in for the extraction node's output (554 features per driving frame).
+        features = torch.randn(int(round(minutes * 60 * FPS)), 554, generator=torch.Generator().manual_seed(0))
+        stages, loaded = {}, peak_mb()
+        started = time.perf_counter()
+        emotion = core.emotion_conditioning.build_emotion_conditioning(encoder, features)
+        stages["conditioning"] = (time.perf_counter() - started, peak_mb())
+        windows = nodes.windows.FlashPortraitWindows.execute(window, overlap).result[0]
+        started = time.perf_counter()
+        latent, report = nodes.sampler.FlashPortraitSampler.execute(
+            model=model, positive=positive, negative=negative, clip_vision_output=clip_output, vae=vae,
+            reference_image=reference, emotion=emotion, windows=windows, seed=1, steps=steps, shift=5.0,
+            max_side=max_side, acceleration=acceleration).result
+        stages["sampler"] = (time.perf_counter() - started, peak_mb())
+        started = time.perf_counter()
+        path = nodes.decode.FlashPortraitDecodeToVideo.execute(latent, vae, float(FPS), "video/stages", 19,
+                                                               True).result[0]
+        stages["decode"] = (time.perf_counter() - started, peak_mb())
+    import av
+
+    with av.open(path) as container:
+        written = sum(1 for _ in container.decode(video=0))
+    return {"minutes": minutes, "latent_frames": int(latent["samples"].shape[2]), "output_frames": written,
+            "peak_rss_after_loading_mb": round(loaded, 1),
+            "stages": {name: {"seconds": round(t, 1), "peak_rss_mb": round(m, 1)} for name, (t, m) in stages.items()},
+            "sampler_report": report.splitlines()[0]}
+
+
+def after_extraction(args) -> None:
+    """Each length in a fresh process: peak RSS and wall time of conditioning + sampler + decode."""
+    import subprocess
+
+    results = {}
+    for minutes in args.minutes:
+        command = [sys.executable, __file__, "--stage-worker", str(minutes), "--max-side", str(args.max_side),
+                   "--steps", str(args.steps), "--window", str(args.window), "--overlap", str(args.overlap),
+                   "--acceleration", args.acceleration]
+        completed = subprocess.run(command, capture_output=True, text=True)
+        if completed.returncode != 0:
+            sys.exit(f"{minutes:g} min worker failed:\n{completed.stderr[-3000:]}")
+        results[minutes] = json.loads(completed.stdout.strip().splitlines()[-1])
+        print(json.dumps(results[minutes]), flush=True)
+    (OUT / "after_extraction.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
+    if len(results) >= 2:
+        short, long = results[min(results)], results[max(results)]
+        wall = {r["minutes"]: sum(s["seconds"] for s in r["stages"].values()) for r in (short, long)}
+        peak = {r["minutes"]: r["stages"]["decode"]["peak_rss_mb"] for r in (short, long)}
+        scale = long["minutes"] / short["minutes"]
+        print(f"peak RSS {peak[long['minutes']] / peak[short['minutes']]:.3f}x; wall time "
+              f"{wall[long['minutes']] / wall[short['minutes']]:.2f}x for {scale:g}x the length "
+              f"({wall[long['minutes']] / wall[short['minutes']] / scale:.3f} of linear)")
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped"))  # so the server is stopped too
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -220,7 +306,18 @@ def main() -> None:
                         help="ALP preset (with 2 steps every step is computed anyway)")
     parser.add_argument("--memory-table", action="store_true", help="print the computed latent memory table")
     parser.add_argument("--memory-check", action="store_true", help="measure the window loop's host memory")
+    parser.add_argument("--after-extraction", action="store_true",
+                        help="conditioning, sampler and decode in-process on stand-in features, per length")
+    parser.add_argument("--stage-worker", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.stage_worker is not None:
+        print(json.dumps(stage_worker(args.stage_worker, args.max_side, args.steps, args.window, args.overlap,
+                                      args.acceleration)))
+        return
+    if args.after_extraction:
+        OUT.mkdir(parents=True, exist_ok=True)
+        after_extraction(args)
+        return
     if args.memory_table or args.memory_check:
         if args.memory_table:
             memory_table()
