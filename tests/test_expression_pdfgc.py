@@ -227,3 +227,13 @@ def test_cpu_forward_follows_new_weights(random_state_dict: dict[str, torch.Tens
     changed = {key: value.clone() for key, value in encoder.state_dict().items()}
     torch.testing.assert_close(after, _published_per_crop(changed, real_crops[:1]), rtol=1e-4, atol=1e-4)
     assert (after - before).abs().max() > 0.5
+
+
+def test_cpu_forward_runs_on_an_encoder_loaded_in_inference_mode(random_state_dict: dict[str, torch.Tensor],
+                                                                 real_crops: torch.Tensor) -> None:
+    # ComfyUI loads and runs nodes under torch.inference_mode, whose tensors keep no version counter.
+    with torch.inference_mode():
+        encoder = load_fan_encoder(random_state_dict)
+        features = expression_features(encoder, real_crops[:2])
+    expected = expression_features(load_fan_encoder(random_state_dict), real_crops[:2])
+    torch.testing.assert_close(features, expected, rtol=0, atol=0)

@@ -119,8 +119,13 @@ def _prepare_block(block: ConvBlock, prepack: bool) -> PreparedBlock:
 
 
 def weights_fingerprint(encoder: nn.Module) -> tuple:
-    """Changes whenever any parameter or buffer is replaced or written in place (load_state_dict, copy_)."""
-    return tuple((t.data_ptr(), t._version) for t in encoder.state_dict(keep_vars=True).values())
+    """Changes whenever any parameter or buffer is replaced or written in place (load_state_dict, copy_).
+
+    Tensors made under ``torch.inference_mode`` (ComfyUI loads and runs nodes in it) keep no version
+    counter; for those only a replacement is seen.
+    """
+    return tuple((t.data_ptr(), 0 if t.is_inference() else t._version)
+                 for t in encoder.state_dict(keep_vars=True).values())
 
 
 def build_cpu_plan(encoder: FanEncoder, prepack: bool | None = None) -> CpuPlan:
