@@ -1,37 +1,158 @@
-"""Expression features -> the emotion conditioning the sampler consumes, one token window per latent frame."""
+"""Expression features -> the emotion conditioning the sampler consumes, one token window per latent frame.
+
+The conditioning keeps the driving features ([T, 554], 2.2 KB per frame) and the portrait encoder, and encodes
+the tokens of a window of latent frames when the sampler asks for it: only the ~4 video frames per latent frame
+that the window reads (``emotion_tokens.latent_frame_video_span``). Holding the tokens of the whole video
+instead would take 97 x D floats per latent frame (0.8 MB at the published D = 2048), growing with the video.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from .emotion_tokens import emotion_tokens_per_latent_frame, trim_to_4k_plus_1
+from .emotion_tokens import (
+    emotion_tokens_for_latent_range,
+    emotion_tokens_per_latent_frame,
+    latent_frame_video_span,
+    num_latent_frames,
+    trim_to_4k_plus_1,
+)
 from .portrait_encoder import PortraitEncoder, encode_expression_features
 
+#: Frames per encoder batch, on a grid that starts at frame 0. A window encodes the whole grid batches
+#: around its frames, so every frame is computed in the same batch (size and position) as in a whole-video
+#: encode: CPU matmul kernels differ in the last bits between batch shapes, and windows must agree exactly.
+ENCODE_BATCH_FRAMES = 32
 
-@dataclass(frozen=True)
+
+def encode_all_frames(encoder: PortraitEncoder, features: torch.Tensor,
+                      output_device: torch.device | str | None = "cpu") -> torch.Tensor:
+    """Frame tokens [T, 24, D] of the whole video, batched on the grid ``encode_latent_frame_range`` uses."""
+    return encode_expression_features(encoder, features, ENCODE_BATCH_FRAMES, output_device)
+
+
+def encode_latent_frame_range(encoder: PortraitEncoder, features: torch.Tensor, start: int, end: int,
+                              output_device: torch.device | str | None = "cpu") -> torch.Tensor:
+    """Token windows [end - start, 97, D] of latent frames [start, end), encoding only the frames they read.
+
+    ``features`` [T, 554] with T = 4k + 1. Equals
+    ``emotion_tokens_per_latent_frame(encode_all_frames(encoder, features))[start:end]`` bit for bit.
+    """
+    if features.ndim != 2:
+        raise ValueError(f"expression features must be [frames, 554], got {list(features.shape)}")
+    num_frames = features.shape[0]
+    first, stop = latent_frame_video_span(start, end, num_frames)
+    grid_first = first - first % ENCODE_BATCH_FRAMES
+    grid_stop = min(num_frames, -(-stop // ENCODE_BATCH_FRAMES) * ENCODE_BATCH_FRAMES)
+    tokens = encode_expression_features(encoder, features[grid_first:grid_stop], ENCODE_BATCH_FRAMES,
+                                        output_device)
+    return emotion_tokens_for_latent_range(tokens[first - grid_first:stop - grid_first], num_frames, start, end)
+
+
+def encoder_fingerprint(encoder: PortraitEncoder) -> list:
+    """A cheap identity of the encoder's weights: its configuration and a strided sample of every tensor."""
+    state = encoder.state_dict()
+    sampled = [(name, state[name].detach().flatten()[:: max(1, state[name].numel() // 64)].float().cpu())
+               for name in sorted(state)]
+    return [repr(encoder.config), sampled]
+
+
+@dataclass(frozen=True, eq=False)
 class EmotionConditioning:
-    """Emotion tokens per latent frame plus the guidance settings that go with them."""
+    """Where the emotion tokens come from, plus the guidance settings that go with them.
 
-    latent_tokens: torch.Tensor  # [L, 97, D]: latent frame f's token window (zero padded before the video)
+    Built from ``expression_features`` and ``encoder`` (tokens encoded per window, see ``latent_tokens_for``),
+    or from precomputed ``latent_tokens`` [L, 97, D] (short clips and tests); exactly one of the two.
+    """
+
     num_video_frames: int  # T = 4(L - 1) + 1 driving frames used (trimmed as published)
     ip_scale: float  # strength of the emotion attention in the conditioned pass
     emo_cfg: float  # emotion guidance scale (published default 4)
     text_cfg: float  # text guidance scale (1 = no negative-prompt pass)
+    expression_features: torch.Tensor | None = None  # [T, 554] on the CPU
+    encoder: PortraitEncoder | None = field(default=None, repr=False)  # the loader's encoder (shared, not copied)
+    latent_tokens: torch.Tensor | None = None  # precomputed [L, 97, D] instead of features + encoder
+    # The last window asked for: a hit only when the same window comes twice in a row (a one-window plan,
+    # every step). Multi-window plans visit every window per step, so a bigger cache would have to hold the
+    # whole video; re-encoding a window's ~4 frames per latent frame costs little beside its DiT passes.
+    _last_window: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        from_features = self.expression_features is not None or self.encoder is not None
+        if from_features == (self.latent_tokens is not None) or (from_features and (
+                self.expression_features is None or self.encoder is None)):
+            raise ValueError("EmotionConditioning needs either expression_features and encoder, or precomputed "
+                             "latent_tokens (not both)")
+        if self.latent_tokens is not None:
+            if self.latent_tokens.ndim != 3 or self.latent_tokens.shape[0] < 1:
+                raise ValueError(f"latent_tokens must be [latent frames >= 1, tokens, width], got "
+                                 f"{list(self.latent_tokens.shape)}")
+            frames = self.latent_tokens.shape[0]
+        else:
+            if self.expression_features.ndim != 2 or self.expression_features.shape[0] != self.num_video_frames:
+                raise ValueError(f"expression_features must be [num_video_frames={self.num_video_frames}, 554], "
+                                 f"got {list(self.expression_features.shape)}")
+            frames = num_latent_frames(self.num_video_frames)
+        if self.num_video_frames != 4 * (frames - 1) + 1:
+            raise ValueError(f"num_video_frames {self.num_video_frames} does not match {frames} latent frames "
+                             f"(4(L - 1) + 1 = {4 * (frames - 1) + 1})")
 
     @property
     def num_latent_frames(self) -> int:
-        return self.latent_tokens.shape[0]
+        return num_latent_frames(self.num_video_frames)
+
+    @property
+    def token_width(self) -> int:
+        """D, the width of each emotion token (the model's emotion projections must take it)."""
+        if self.latent_tokens is not None:
+            return self.latent_tokens.shape[-1]
+        return self.encoder.config.output_dim
+
+    def latent_tokens_for(self, start: int, end: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Token windows [end - start, 97, D] of latent frames [start, end), float32 (on the CPU by default)."""
+        if not 0 <= start < end <= self.num_latent_frames:
+            raise ValueError(f"latent frame range [{start}, {end}) must be non-empty and within the "
+                             f"{self.num_latent_frames} latent frames")
+        if self.latent_tokens is not None:
+            tokens = self.latent_tokens[start:end]
+        elif self._last_window.get("range") == (start, end):
+            tokens = self._last_window["tokens"]
+        else:
+            tokens = encode_latent_frame_range(self.encoder, self.expression_features, start, end).float()
+            self._last_window.clear()
+            self._last_window.update(range=(start, end), tokens=tokens)
+        return tokens.float().to("cpu" if device is None else device)
+
+    def resume_fingerprint(self) -> list:
+        """What the result depends on, for resume keys: the settings and the tokens' source (the features and
+        a sample of the encoder's weights, never the tokens of the whole video)."""
+        settings = [self.num_video_frames, self.ip_scale, self.emo_cfg, self.text_cfg]
+        if self.latent_tokens is not None:
+            return [settings, self.latent_tokens]
+        return [settings, self.expression_features, encoder_fingerprint(self.encoder)]
 
 
 def build_emotion_conditioning(encoder: PortraitEncoder, features: torch.Tensor, ip_scale: float = 1.0,
                                emo_cfg: float = 4.0, text_cfg: float = 1.0) -> EmotionConditioning:
-    """Trim the driving features to 4k + 1 frames, encode them and split the tokens per latent frame."""
+    """Trim the driving features to 4k + 1 frames and keep them with the encoder (tokens are made per window)."""
     if features.ndim != 2 or features.shape[0] < 1:
         raise ValueError(f"expression features must be [frames, 554] with at least one frame, "
                          f"got {list(features.shape)}")
     num_frames = trim_to_4k_plus_1(features.shape[0])
-    frame_tokens = encode_expression_features(encoder, features[:num_frames], output_device="cpu")
-    return EmotionConditioning(latent_tokens=emotion_tokens_per_latent_frame(frame_tokens).float(),
-                               num_video_frames=num_frames, ip_scale=float(ip_scale),
-                               emo_cfg=float(emo_cfg), text_cfg=float(text_cfg))
+    trimmed = features[:num_frames].detach().to("cpu").clone()  # a copy: later edits of the input do not leak in
+    feature_dim = encoder.config.feature_dim
+    if trimmed.shape[1] != feature_dim:
+        raise ValueError(f"expression features have {trimmed.shape[1]} values per frame but the portrait encoder "
+                         f"takes {feature_dim}; extract them with the PD-FGC expression encoder")
+    if not torch.isfinite(trimmed).all():
+        raise ValueError("expression features hold NaN/Inf; fill frames without a detected face before encoding")
+    return EmotionConditioning(num_video_frames=num_frames, ip_scale=float(ip_scale), emo_cfg=float(emo_cfg),
+                               text_cfg=float(text_cfg), expression_features=trimmed, encoder=encoder)
+
+
+def all_latent_tokens(emotion: EmotionConditioning) -> torch.Tensor:
+    """Every latent frame's window [L, 97, D] at once (whole-video memory: for checks and short clips only)."""
+    if emotion.latent_tokens is not None:
+        return emotion.latent_tokens.float()
+    return emotion_tokens_per_latent_frame(encode_all_frames(emotion.encoder, emotion.expression_features)).float()

@@ -38,6 +38,9 @@ def _feed(digest: "hashlib._Hash", value: Any) -> None:
         tensor = value.detach().cpu().contiguous()
         digest.update(f"tensor {tensor.dtype} {list(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # raw bytes; no copy for CPU tensors
+    elif callable(getattr(value, "resume_fingerprint", None)):  # e.g. a module-backed source: hash what it names
+        digest.update(f"fingerprint {type(value).__name__}|".encode())
+        _feed(digest, value.resume_fingerprint())
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         digest.update(f"dataclass {type(value).__name__}|".encode())
         _feed(digest, {f.name: getattr(value, f.name) for f in dataclasses.fields(value)})

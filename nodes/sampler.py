@@ -65,7 +65,7 @@ class FlashPortraitSampler(io.ComfyNode):
     def execute(cls, model, positive, negative, clip_vision_output, vae, reference_image: torch.Tensor,
                 emotion, windows, seed: int, steps: int, shift: float, max_side: int, acceleration: str = "quality",
                 target_speedup: float = 0.0, sampler: str = "euler") -> io.NodeOutput:
-        check_sampler_inputs(reference_image, emotion.latent_tokens, positive[0][0], negative[0][0],
+        check_sampler_inputs(reference_image, emotion.latent_tokens_for(0, 1), positive[0][0], negative[0][0],
                              getattr(clip_vision_output, "penultimate_hidden_states", None))
         height, width = generation_size(reference_image.shape[1], reference_image.shape[2], max_side)
         notes = [note for note in (size_note(*reference_image.shape[1:3], max_side, height, width),

@@ -127,7 +127,7 @@ class GuidedWanVelocity:
         """All guided passes of one window at one noise level, combined."""
         comfy.model_management.throw_exception_if_processing_interrupted()
         start, end = self.plan.windows[window]
-        tokens = self.emotion.latent_tokens[start:end].unsqueeze(0).to(self.device)
+        tokens = self.emotion.latent_tokens_for(start, end).unsqueeze(0).to(self.device)
         predictions = {name: self._model_velocity(x, sigma, name, tokens, probe) for name in self.passes}
         self.report.model_passes[window] += len(self.passes)
         return combine_guidance(predictions, self.emotion.emo_cfg, self.emotion.text_cfg).to(x.device)
