@@ -32,21 +32,38 @@ def encode_all_frames(encoder: PortraitEncoder, features: torch.Tensor,
     return encode_expression_features(encoder, features, ENCODE_BATCH_FRAMES, output_device)
 
 
+def _encode_grid_batches(encoder: PortraitEncoder, features: torch.Tensor, batches: range,
+                         known: dict[int, torch.Tensor], output_device: torch.device | str | None
+                         ) -> dict[int, torch.Tensor]:
+    """Frame tokens {grid batch index: [<= 32, 24, D]} of ``batches``, reusing those in ``known``. Each batch is
+    its own tensor, so a cache of some of them never keeps a larger encoded block alive."""
+    return {index: known[index] if index in known else encode_expression_features(
+                encoder, features[index * ENCODE_BATCH_FRAMES:(index + 1) * ENCODE_BATCH_FRAMES],
+                ENCODE_BATCH_FRAMES, output_device)
+            for index in batches}
+
+
 def encode_latent_frame_range(encoder: PortraitEncoder, features: torch.Tensor, start: int, end: int,
-                              output_device: torch.device | str | None = "cpu") -> torch.Tensor:
+                              output_device: torch.device | str | None = "cpu",
+                              batch_cache: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Token windows [end - start, 97, D] of latent frames [start, end), encoding only the frames they read.
 
     ``features`` [T, 554] with T = 4k + 1. Equals
     ``emotion_tokens_per_latent_frame(encode_all_frames(encoder, features))[start:end]`` bit for bit.
+    ``batch_cache`` ({grid batch index: frame tokens}), when given, supplies batches encoded before and is left
+    holding exactly this range's batches: overlapping windows visited in turn encode only their new frames.
     """
     if features.ndim != 2:
         raise ValueError(f"expression features must be [frames, 554], got {list(features.shape)}")
     num_frames = features.shape[0]
     first, stop = latent_frame_video_span(start, end, num_frames)
-    grid_first = first - first % ENCODE_BATCH_FRAMES
-    grid_stop = min(num_frames, -(-stop // ENCODE_BATCH_FRAMES) * ENCODE_BATCH_FRAMES)
-    tokens = encode_expression_features(encoder, features[grid_first:grid_stop], ENCODE_BATCH_FRAMES,
-                                        output_device)
+    batches = range(first // ENCODE_BATCH_FRAMES, -(-stop // ENCODE_BATCH_FRAMES))
+    encoded = _encode_grid_batches(encoder, features, batches, batch_cache or {}, output_device)
+    if batch_cache is not None:
+        batch_cache.clear()
+        batch_cache.update(encoded)
+    tokens = torch.cat([encoded[index] for index in batches])
+    grid_first = batches.start * ENCODE_BATCH_FRAMES
     return emotion_tokens_for_latent_range(tokens[first - grid_first:stop - grid_first], num_frames, start, end)
 
 
@@ -73,10 +90,11 @@ class EmotionConditioning:
     expression_features: torch.Tensor | None = None  # [T, 554] on the CPU
     encoder: PortraitEncoder | None = field(default=None, repr=False)  # the loader's encoder (shared, not copied)
     latent_tokens: torch.Tensor | None = None  # precomputed [L, 97, D] instead of features + encoder
-    # The last window asked for: a hit only when the same window comes twice in a row (a one-window plan,
-    # every step). Multi-window plans visit every window per step, so a bigger cache would have to hold the
-    # whole video; re-encoding a window's ~4 frames per latent frame costs little beside its DiT passes.
-    _last_window: dict = field(default_factory=dict, init=False, repr=False)
+    # The frame tokens of the last window asked for, by encoder batch (bounded by one window: ~4 frames x 24
+    # tokens x D per latent frame). The window loop visits the windows in order at every step, so the next
+    # window reuses the overlap and encodes only its new frames, and a one-window plan encodes once. A cache
+    # of every window would be the whole video's tokens again.
+    _batch_cache: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         from_features = self.expression_features is not None or self.encoder is not None
@@ -116,12 +134,9 @@ class EmotionConditioning:
                              f"{self.num_latent_frames} latent frames")
         if self.latent_tokens is not None:
             tokens = self.latent_tokens[start:end]
-        elif self._last_window.get("range") == (start, end):
-            tokens = self._last_window["tokens"]
         else:
-            tokens = encode_latent_frame_range(self.encoder, self.expression_features, start, end).float()
-            self._last_window.clear()
-            self._last_window.update(range=(start, end), tokens=tokens)
+            tokens = encode_latent_frame_range(self.encoder, self.expression_features, start, end,
+                                               batch_cache=self._batch_cache)
         return tokens.float().to("cpu" if device is None else device)
 
     def resume_fingerprint(self) -> list:
@@ -140,7 +155,7 @@ def build_emotion_conditioning(encoder: PortraitEncoder, features: torch.Tensor,
         raise ValueError(f"expression features must be [frames, 554] with at least one frame, "
                          f"got {list(features.shape)}")
     num_frames = trim_to_4k_plus_1(features.shape[0])
-    trimmed = features[:num_frames].detach().to("cpu").clone()  # a copy: later edits of the input do not leak in
+    trimmed = features[:num_frames].detach().to("cpu")  # a view of the caller's features when they are on the CPU
     feature_dim = encoder.config.feature_dim
     if trimmed.shape[1] != feature_dim:
         raise ValueError(f"expression features have {trimmed.shape[1]} values per frame but the portrait encoder "

@@ -137,3 +137,27 @@ def test_resume_key_follows_features_settings_and_encoder_weights(encoder, featu
     assert key(base) != key(build_emotion_conditioning(encoder, features, ip_scale=0.5))
     other = load_portrait_encoder(random_portrait_encoder_state_dict(seed=6)).float()
     assert key(base) != key(build_emotion_conditioning(other, features))
+
+
+def test_window_cache_holds_one_window_and_encodes_only_new_frames(encoder, features, whole_video, monkeypatch):
+    import flashportrait_core.emotion_conditioning as module
+
+    encoded_frames = []
+    real_encode = module.encode_expression_features
+
+    def counting_encode(encoder, frames, *args):
+        encoded_frames.append(frames.shape[0])
+        return real_encode(encoder, frames, *args)
+
+    monkeypatch.setattr(module, "encode_expression_features", counting_encode)
+    emotion = build_emotion_conditioning(encoder, features)
+    assert torch.equal(emotion.latent_tokens_for(0, 21), whole_video[0:21])  # frames 0..80: batches 0-2
+    assert sum(encoded_frames) == 96 and sorted(emotion._batch_cache) == [0, 1, 2]
+    encoded_frames.clear()
+    assert torch.equal(emotion.latent_tokens_for(11, 31), whole_video[11:31])  # frames 40..120: batches 1-3
+    assert sum(encoded_frames) == 32 and sorted(emotion._batch_cache) == [1, 2, 3]
+    encoded_frames.clear()
+    assert torch.equal(emotion.latent_tokens_for(11, 31), whole_video[11:31])  # the same window: nothing new
+    assert encoded_frames == []
+    assert torch.equal(emotion.latent_tokens_for(40, 51), whole_video[40:51])  # frames 156..200: batches 4-6
+    assert sorted(emotion._batch_cache) == [4, 5, 6] and encoded_frames == [32, 32, 9]
