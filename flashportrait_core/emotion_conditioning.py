@@ -160,7 +160,8 @@ def build_emotion_conditioning(encoder: PortraitEncoder, features: torch.Tensor,
     if trimmed.shape[1] != feature_dim:
         raise ValueError(f"expression features have {trimmed.shape[1]} values per frame but the portrait encoder "
                          f"takes {feature_dim}; extract them with the PD-FGC expression encoder")
-    if not torch.isfinite(trimmed).all():
+    # Checked in chunks, so that no temporary grows with the video.
+    if not all(bool(torch.isfinite(chunk).all()) for chunk in trimmed.split(1024)):
         raise ValueError("expression features hold NaN/Inf; fill frames without a detected face before encoding")
     return EmotionConditioning(num_video_frames=num_frames, ip_scale=float(ip_scale), emo_cfg=float(emo_cfg),
                                text_cfg=float(text_cfg), expression_features=trimmed, encoder=encoder)
