@@ -24,7 +24,8 @@ class FlashPortraitEmotionConditioning(io.ComfyNode):
             display_name="FlashPortrait Emotion Conditioning",
             category="FlashPortrait",
             description="Turns expression features into emotion tokens per latent frame (driving frames are "
-                        "trimmed to 4k+1 as published) with the strength and guidance of the emotion signal.",
+                        "trimmed to 4k+1 as published; the sampler encodes each window's tokens as it reaches "
+                        "it) with the strength and guidance of the emotion signal.",
             inputs=[
                 types.Expressions.Input("expressions", tooltip="From FlashPortrait Extract Expressions."),
                 types.PortraitEncoder.Input("portrait_encoder",
