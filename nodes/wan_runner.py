@@ -5,6 +5,8 @@ import math
 import os
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import comfy.model_management
@@ -233,6 +235,31 @@ def model_fingerprint(model_patcher) -> list:
     return [type(model_patcher.model).__name__, len(names), sampled, patches]
 
 
+@contextmanager
+def portrait_encoder_on(device: torch.device | str, emotion: EmotionConditioning) -> Iterator[None]:
+    """Keep the portrait encoder on the sampling device while the windows are sampled.
+
+    The emotion tokens are encoded per window at every step (host memory stays flat with the video); on a GPU
+    that is negligible beside a DiT pass, on the CPU it takes seconds per window visit. The encoder goes back
+    where it was afterwards; when it does not fit, tokens are encoded where it is.
+    """
+    encoder, device = emotion.encoder, torch.device(device)
+    home = next(encoder.parameters()).device if encoder is not None else device
+    if encoder is None or home == device:
+        yield
+        return
+    try:
+        comfy.model_management.free_memory(
+            sum(t.numel() * t.element_size() for t in encoder.state_dict().values()), device)
+        encoder.to(device)
+    except comfy.model_management.OOM_EXCEPTION:
+        encoder.to(home)
+    try:
+        yield
+    finally:
+        encoder.to(home)
+
+
 def run_flashportrait_sampling(model_patcher, vae, positive: torch.Tensor, negative: torch.Tensor,
                                clip_vision_output, reference: torch.Tensor, emotion: EmotionConditioning,
                                plan: WindowPlan, seed: int, steps: int, shift: float, height: int, width: int,
@@ -247,8 +274,9 @@ def run_flashportrait_sampling(model_patcher, vae, positive: torch.Tensor, negat
     ``SamplingOutOfMemory`` names the settings to lower.
     """
     try:
-        return _sample_all_windows(model_patcher, vae, positive, negative, clip_vision_output, reference, emotion,
-                                   plan, seed, steps, shift, height, width, alp, sigmas, solver)
+        with portrait_encoder_on(model_patcher.load_device, emotion):
+            return _sample_all_windows(model_patcher, vae, positive, negative, clip_vision_output, reference,
+                                       emotion, plan, seed, steps, shift, height, width, alp, sigmas, solver)
     except comfy.model_management.OOM_EXCEPTION as error:
         if isinstance(error, SamplingOutOfMemory):
             raise

@@ -177,3 +177,44 @@ def test_alp_skips_passes_and_reports_the_true_count(tiny_model, tiny_vae):
     assert torch.equal(fast, again)
     # The layer-aware dial saw block outputs from the patched blocks at computed steps.
     assert any(state.layer_ratios for state in report.alp_states)
+
+
+def _conditioning_with_encoder():
+    portrait_core = pack.flashportrait_core.portrait_encoder
+    encoder = portrait_core.load_portrait_encoder(portrait_core.random_portrait_encoder_state_dict(seed=3)).float()
+    features = torch.randn(5, encoder.config.feature_dim, generator=torch.Generator().manual_seed(4))
+    return pack.flashportrait_core.emotion_conditioning.build_emotion_conditioning(encoder, features)
+
+
+def test_portrait_encoder_is_left_alone_when_sampling_on_its_device():
+    emotion = _conditioning_with_encoder()
+    weight = next(emotion.encoder.parameters())
+    with wan_runner.portrait_encoder_on("cpu", emotion):
+        assert next(emotion.encoder.parameters()) is weight
+
+
+def test_portrait_encoder_visits_the_sampling_device_and_comes_back(monkeypatch):
+    # No GPU here: record the moves instead of making them.
+    emotion = _conditioning_with_encoder()
+    moves, freed = [], []
+    monkeypatch.setattr(emotion.encoder, "to", lambda device: moves.append(torch.device(device)))
+    monkeypatch.setattr(wan_runner.comfy.model_management, "free_memory", lambda size, device: freed.append(size))
+    with wan_runner.portrait_encoder_on("cuda:0", emotion):
+        assert moves == [torch.device("cuda:0")]
+    assert moves == [torch.device("cuda:0"), torch.device("cpu")]
+    assert freed == [sum(t.numel() * 4 for t in emotion.encoder.state_dict().values())]
+
+
+def test_portrait_encoder_stays_home_when_the_device_is_full(monkeypatch):
+    emotion = _conditioning_with_encoder()
+    moves = []
+
+    def move(device):
+        moves.append(torch.device(device))
+        if torch.device(device).type == "cuda":
+            raise wan_runner.comfy.model_management.OOM_EXCEPTION("out of memory")
+
+    monkeypatch.setattr(emotion.encoder, "to", move)
+    monkeypatch.setattr(wan_runner.comfy.model_management, "free_memory", lambda size, device: None)
+    with wan_runner.portrait_encoder_on("cuda:0", emotion):
+        assert moves == [torch.device("cuda:0"), torch.device("cpu")]  # tokens are encoded on the CPU
