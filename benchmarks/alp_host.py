@@ -96,6 +96,7 @@ def main() -> None:
                 for preset in presets:
                     passes, seconds, text = run(preset, repeat)
                     results[preset].append((passes, seconds))
+                    print(f"repeat {repeat} {preset}: {passes} DiT passes, denoising {seconds:.2f} s", flush=True)
                     if repeat == 0:
                         print(f"--- {preset}\n{text}")
 
