@@ -8,21 +8,15 @@ import av
 import pytest
 import torch
 
-from flashportrait_core.checkpoints import load_state_dict
 from pack import import_pack
+from tiny_nodes import tiny_vae  # noqa: F401 (fixture)
 
 pack = import_pack()
-import comfy.sd  # noqa: E402
 import folder_paths  # noqa: E402
 
 DRIVING = Path(__file__).resolve().parents[2] / "shared" / "data" / "driving"
 decode_node = pack.nodes.decode
 stream = pack.nodes.wan_vae_stream
-
-
-@pytest.fixture(scope="module")
-def tiny_vae(tiny_models_dir):
-    return comfy.sd.VAE(sd=load_state_dict(tiny_models_dir / "vae" / "wan_2.1_vae_tiny.safetensors"))
 
 
 def _latents(frames=5, seed=0):

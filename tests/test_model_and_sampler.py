@@ -8,10 +8,9 @@ from flashportrait_core.checkpoints import load_state_dict
 from flashportrait_core.emotion_conditioning import EmotionConditioning
 from flashportrait_core.windows import plan_windows
 from pack import import_pack
+from tiny_nodes import tiny_folders, tiny_model, tiny_vae  # noqa: F401 (fixtures)
 
 pack = import_pack()
-import comfy.sd  # noqa: E402
-import folder_paths  # noqa: E402
 # The nodes raise the pack's own classes (the core imported as part of the pack).
 from flashportrait_pack.flashportrait_core.checkpoints import CheckpointError  # noqa: E402
 
@@ -22,23 +21,6 @@ alp_core = pack.flashportrait_core.alp
 windows_node = pack.nodes.windows
 
 
-@pytest.fixture(scope="module")
-def tiny_folders(tiny_models_dir):
-    for folder in ("diffusion_models", "vae", "flashportrait", "flashportrait_conditioning"):
-        folder_paths.add_model_folder_path(folder, str(tiny_models_dir / folder))
-    pack.nodes.register_model_folders()
-    return tiny_models_dir
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_folders):
-    return loaders.FlashPortraitModelLoader.execute("wan2.1_i2v_tiny.safetensors", "transformer_tiny.pt",
-                                                    "default").result[0]
-
-
-@pytest.fixture(scope="module")
-def tiny_vae(tiny_folders):
-    return comfy.sd.VAE(sd=load_state_dict(tiny_folders / "vae" / "wan_2.1_vae_tiny.safetensors"))
 
 
 def test_loader_overlays_flashportrait_weights_and_attaches_emotion_projections(tiny_model, tiny_folders):

@@ -6,18 +6,16 @@ import math
 import pytest
 import torch
 
-from flashportrait_core.checkpoints import load_state_dict
 from flashportrait_core.emotion_conditioning import EmotionConditioning
 from flashportrait_core.validation import (InputError, NonFiniteInputError, ShapeMismatchError,
                                            check_expression_features, check_sampler_inputs,
                                            require_finite, require_image_batch, require_same_device_and_dtype,
                                            require_same_length, size_note, trim_note, window_note)
 from pack import import_pack
+from tiny_nodes import tiny_folders, tiny_model, tiny_vae  # noqa: F401 (fixtures)
 
 pack = import_pack()
 import comfy.model_management  # noqa: E402
-import comfy.sd  # noqa: E402
-import folder_paths  # noqa: E402
 from flashportrait_pack.flashportrait_core import validation as pack_validation  # noqa: E402
 
 loaders = pack.nodes.loaders
@@ -99,23 +97,6 @@ def test_adjusted_inputs_are_reported():
 
 # --- the nodes, in-process on the tiny checkpoints -------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_folders(tiny_models_dir):
-    for folder in ("diffusion_models", "vae", "flashportrait", "flashportrait_conditioning"):
-        folder_paths.add_model_folder_path(folder, str(tiny_models_dir / folder))
-    pack.nodes.register_model_folders()
-    return tiny_models_dir
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_folders):
-    return loaders.FlashPortraitModelLoader.execute("wan2.1_i2v_tiny.safetensors", "transformer_tiny.pt",
-                                                    "default").result[0]
-
-
-@pytest.fixture(scope="module")
-def tiny_vae(tiny_folders):
-    return comfy.sd.VAE(sd=load_state_dict(tiny_folders / "vae" / "wan_2.1_vae_tiny.safetensors"))
 
 
 def test_loader_reads_the_safetensors_twin(tiny_folders):
