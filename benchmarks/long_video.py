@@ -160,8 +160,9 @@ def latent_memory_mb(height: int, width: int, latent_frames: int, window: int, o
     full, one_window = frame * latent_frames, frame * min(window, latent_frames)
     windows = len(plan_windows(latent_frames, window, overlap).windows)
     tokens = min(window, latent_frames) * (height // 16) * (width // 16)
-    probed_tokens = -(-tokens // max(1, tokens // 2048))  # BlockProbe keeps every stride-th token (<= ~4k)
-    alp_window = (alp_order + 2) * one_window + probe_blocks * probed_tokens * dit_dim * 4 if alp else 0
+    # BlockProbe keeps every stride-th token and channel: at most 1024 tokens x 64 channels a block.
+    probed = -(-tokens // -(-tokens // 1024)) * -(-dit_dim // -(-dit_dim // 64))
+    alp_window = (alp_order + 2) * one_window + probe_blocks * probed * 4 if alp else 0
     mb = 2 ** 20
     return {"windows": windows, "full_latents_mb": full / mb, "host_mb": (5 * full + windows * alp_window) / mb,
             "device_mb": (2 * one_window + alp_window) / mb, "alp_per_window_mb": alp_window / mb}

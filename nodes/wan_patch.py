@@ -29,16 +29,23 @@ class EmotionPass:
 
 @dataclass
 class BlockProbe:
-    """Asks the patched blocks for a strided sample of their outputs (for ALP's layer-aware dial)."""
+    """Asks the patched blocks for a strided sample of their outputs (for ALP's layer-aware dial).
+
+    The dial needs each block's relative change between computed steps, which a sample of tokens and channels
+    estimates well; ALP keeps the sample of every window for the whole run, so it must stay small (at most
+    1024 tokens x 64 channels: 256 KB a block, where whole tokens at width 5120 would be 20 MB).
+    """
 
     blocks: tuple[int, ...]
-    max_tokens: int = 2048
+    max_tokens: int = 1024
+    max_channels: int = 64
     outputs: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def record(self, index: int, output: torch.Tensor) -> None:
         if index in self.blocks:
-            stride = max(1, output.shape[1] // self.max_tokens)
-            self.outputs[index] = output[:, ::stride].detach().float().cpu()
+            token_stride = -(-output.shape[1] // self.max_tokens)  # ceil: at most max_tokens kept
+            channel_stride = -(-output.shape[2] // self.max_channels)
+            self.outputs[index] = output[:, ::token_stride, ::channel_stride].detach().float().cpu()
 
 
 def attach_emotion_projections(diffusion_model: torch.nn.Module,
