@@ -1,16 +1,30 @@
 """The FlashPortrait sampler node: windowed flow-matching sampling of the whole video."""
 from __future__ import annotations
 
+import logging
+
 import torch
 from comfy_api.latest import io
 
+from ..flashportrait_core.expression.backends import FaceBackendChoice, FaceBackendUnavailableError, \
+    resolve_face_backend
+from ..flashportrait_core.expression.reference_check import reference_face_note
 from ..flashportrait_core.schedules import ACCELERATIONS, FOUR_STEP_LORA, resolve_sampling
 from ..flashportrait_core.solvers import STEP_SOLVERS
 from ..flashportrait_core.validation import check_sampler_inputs, size_note, window_note
 from ..flashportrait_core.windows import plan_windows
 from . import types
+from .loaders import insightface_roots
 from .report_ui import sampler_ui
 from .wan_runner import generation_size, run_flashportrait_sampling
+
+
+def available_face_backend() -> FaceBackendChoice | None:
+    """The face backend `auto` would pick, or None where none is installed (the reference is then not checked)."""
+    try:
+        return resolve_face_backend("auto", insightface_roots())
+    except FaceBackendUnavailableError:
+        return None
 
 
 class FlashPortraitSampler(io.ComfyNode):
@@ -73,6 +87,11 @@ class FlashPortraitSampler(io.ComfyNode):
         plan = plan_windows(emotion.num_latent_frames, windows.length, windows.overlap)
         choice = resolve_sampling(acceleration, steps, shift, sampler, target_speedup)
         notes.extend(choice.notes)
+        face_backend = available_face_backend()
+        face_note = reference_face_note(reference_image, face_backend) if face_backend else None
+        if face_note:
+            logging.warning("FlashPortrait Sampler: %s", face_note)
+            notes.append(face_note)
         if acceleration == FOUR_STEP_LORA and not getattr(model, "patches", None):
             notes.append(f"{FOUR_STEP_LORA}: the model carries no LoRA; without the distillation LoRA 4 steps "
                          f"give a blurred result (apply fast_lora_rank64 with LoraLoaderModelOnly)")

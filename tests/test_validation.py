@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from flashportrait_core.emotion_conditioning import EmotionConditioning
 from flashportrait_core.validation import (InputError, NonFiniteInputError, ShapeMismatchError,
@@ -15,6 +18,7 @@ from pack import import_pack
 from tiny_nodes import tiny_folders, tiny_model, tiny_vae  # noqa: F401 (fixtures)
 
 pack = import_pack()
+REFERENCE_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "reference"
 import comfy.model_management  # noqa: E402
 from flashportrait_pack.flashportrait_core import validation as pack_validation  # noqa: E402
 
@@ -137,6 +141,13 @@ def test_sampler_clips_a_long_window_and_reports_sizes(tiny_model, tiny_vae):
     assert report.startswith("1 window(s) x 1 steps")
     assert "window_length 51 is longer than the video (3 latent frames)" in report
     assert "output 32x48: the reference 30x40 scaled to max_side 36 is 27x36" in report
+    assert "no face found in reference_image by mediapipe" in report  # random pixels: reported, not refused
+
+
+def test_sampler_says_nothing_about_a_reference_with_a_face(tiny_model, tiny_vae):
+    portrait = torch.from_numpy(np.asarray(Image.open(REFERENCE_DIR / "fp_case1.png").convert("RGB")).copy()) / 255.0
+    _, report = _run_sampler(tiny_model, tiny_vae, portrait[None].float(), _emotion(3), max_side=32)
+    assert "no face found" not in report
 
 
 def test_out_of_memory_frees_and_names_the_settings(tiny_model, tiny_vae, monkeypatch):
