@@ -27,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from scripts import comfy_client, host  # noqa: E402
-from scripts.workflow_prep import TINY_MODELS  # noqa: E402
+from scripts.workflow_prep import TINY_MODELS, tiny_animation_prompt  # noqa: E402
 
 DRIVING = REPO_ROOT / "../shared/data/driving/lp_d0.mp4"
 REFERENCE = REPO_ROOT / "../shared/data/reference/fp_case1.png"
@@ -37,34 +37,12 @@ TINY_MODELS_DIR = REPO_ROOT / ".models" / "tiny"
 def tiny_animation_graph(run: int) -> dict:
     """5 driving frames (2 latent frames), 2 steps, 32 px; seed and smoothing change per run, so the extraction,
     the sampler and the decoder all run every time."""
-    return {
-        "1": {"class_type": "FlashPortraitModelLoader",
-              "inputs": {"wan_model": TINY_MODELS.wan, "flashportrait_weights": TINY_MODELS.transformer,
-                         "weight_dtype": "default"}},
-        "2": {"class_type": "FlashPortraitPortraitEncoderLoader",
-              "inputs": {"portrait_encoder": TINY_MODELS.portrait_encoder}},
-        "3": {"class_type": "FlashPortraitExpressionModelLoader",
-              "inputs": {"expression_encoder": TINY_MODELS.expression_encoder, "face_backend": "mediapipe"}},
-        "4": {"class_type": "VAELoader", "inputs": {"vae_name": TINY_MODELS.vae}},
-        "5": {"class_type": "LoadImage", "inputs": {"image": REFERENCE.name}},
-        "6": {"class_type": "FlashPortraitExtractExpressionsFromVideo",
-              "inputs": {"video": DRIVING.name, "expression_model": ["3", 0], "batch_size": 4, "max_frames": 5,
-                         "smoothing": round(0.2 + 0.01 * (run % 50), 2), "target_fps": 25.0, "path": ""}},
-        "7": {"class_type": "FlashPortraitEmotionConditioning",
-              "inputs": {"expressions": ["6", 0], "portrait_encoder": ["2", 0], "ip_scale": 1.0, "emo_cfg": 4.0,
-                         "text_cfg": 1.0}},
-        "8": {"class_type": "FlashPortraitWindows", "inputs": {"window_length": 2, "overlap": 1}},
-        "9": {"class_type": "FlashPortraitLoadConditioning",
-              "inputs": {"conditioning": TINY_MODELS.precomputed_conditioning}},
-        "10": {"class_type": "FlashPortraitSampler",
-               "inputs": {"model": ["1", 0], "positive": ["9", 0], "negative": ["9", 1],
-                          "clip_vision_output": ["9", 2], "vae": ["4", 0], "reference_image": ["5", 0],
-                          "emotion": ["7", 0], "windows": ["8", 0], "seed": run, "steps": 2, "shift": 5.0,
-                          "max_side": 32, "acceleration": "off", "target_speedup": 0.0}},
-        "11": {"class_type": "FlashPortraitDecodeToVideo",
-               "inputs": {"latent": ["10", 0], "vae": ["4", 0], "fps": 25.0, "filename_prefix": "soak/run",
-                          "crf": 30, "drop_reference_frame": True}},
-    }
+    graph = tiny_animation_prompt(DRIVING.name, REFERENCE.name, run, smoothing=round(0.2 + 0.01 * (run % 50), 2),
+                                  steps=2)
+    graph["11"] = {"class_type": "FlashPortraitDecodeToVideo",
+                   "inputs": {"latent": ["10", 0], "vae": ["4", 0], "fps": 25.0, "filename_prefix": "soak/run",
+                              "crf": 30, "drop_reference_frame": True}}
+    return graph
 
 
 def with_defaults(prompt: dict, object_info: dict) -> dict:

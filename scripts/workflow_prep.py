@@ -139,3 +139,35 @@ def prepare_prompt(prompt: dict, models: ModelFiles, reference_image: str, drivi
         set_inputs("CLIPLoader", clip_name=models.text_encoder)
         set_inputs("CLIPVisionLoader", clip_name=models.clip_vision)
     return prompt
+
+
+def tiny_animation_prompt(video: str, reference: str, seed: int, *, smoothing: float = 0.5, emo_cfg: float = 4.0,
+                          window_length: int = 2, overlap: int = 1, steps: int = 1) -> dict:
+    """The smallest whole animation in API form, on the tiny models: the first 5 frames of ``video`` (2 latent
+    frames) onto ``reference`` (file names in the server's input folder), 32 px. The sampler is node "10"
+    (latent output 0, report output 1) and the VAE node "4": callers add what consumes them."""
+    return {
+        "1": {"class_type": "FlashPortraitModelLoader",
+              "inputs": {"wan_model": TINY_MODELS.wan, "flashportrait_weights": TINY_MODELS.transformer,
+                         "weight_dtype": "default"}},
+        "2": {"class_type": "FlashPortraitPortraitEncoderLoader",
+              "inputs": {"portrait_encoder": TINY_MODELS.portrait_encoder}},
+        "3": {"class_type": "FlashPortraitExpressionModelLoader",
+              "inputs": {"expression_encoder": TINY_MODELS.expression_encoder, "face_backend": "mediapipe"}},
+        "4": {"class_type": "VAELoader", "inputs": {"vae_name": TINY_MODELS.vae}},
+        "5": {"class_type": "LoadImage", "inputs": {"image": reference}},
+        "6": {"class_type": "FlashPortraitExtractExpressionsFromVideo",
+              "inputs": {"video": video, "expression_model": ["3", 0], "batch_size": 4, "max_frames": 5,
+                         "smoothing": smoothing, "target_fps": 25.0, "path": ""}},
+        "7": {"class_type": "FlashPortraitEmotionConditioning",
+              "inputs": {"expressions": ["6", 0], "portrait_encoder": ["2", 0], "ip_scale": 1.0,
+                         "emo_cfg": emo_cfg, "text_cfg": 1.0}},
+        "8": {"class_type": "FlashPortraitWindows", "inputs": {"window_length": window_length, "overlap": overlap}},
+        "9": {"class_type": "FlashPortraitLoadConditioning",
+              "inputs": {"conditioning": TINY_MODELS.precomputed_conditioning}},
+        "10": {"class_type": "FlashPortraitSampler",
+               "inputs": {"model": ["1", 0], "positive": ["9", 0], "negative": ["9", 1],
+                          "clip_vision_output": ["9", 2], "vae": ["4", 0], "reference_image": ["5", 0],
+                          "emotion": ["7", 0], "windows": ["8", 0], "seed": seed, "steps": steps, "shift": 5.0,
+                          "max_side": 32, "acceleration": "off", "target_speedup": 0.0}},
+    }

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from scripts import comfy_client
-from scripts.workflow_prep import TINY_MODELS
+from scripts.workflow_prep import TINY_MODELS, tiny_animation_prompt
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DRIVING = DATA / "driving" / "lp_d0.mp4"  # 512x512, 25 fps
@@ -127,33 +127,11 @@ def _model_loader_graph(wan_model: str, flashportrait_weights: str) -> dict:
 
 
 def _full_graph(video: str, reference: str, seed: int, window_length: int = 51, overlap: int = 30) -> dict:
-    """The smallest whole animation: 5 driving frames (2 latent frames), 1 step, 32 px."""
-    return {
-        "1": {"class_type": "FlashPortraitModelLoader",
-              "inputs": {"wan_model": TINY_MODELS.wan, "flashportrait_weights": TINY_MODELS.transformer,
-                         "weight_dtype": "default"}},
-        "2": {"class_type": "FlashPortraitPortraitEncoderLoader",
-              "inputs": {"portrait_encoder": TINY_MODELS.portrait_encoder}},
-        "3": {"class_type": "FlashPortraitExpressionModelLoader",
-              "inputs": {"expression_encoder": TINY_MODELS.expression_encoder, "face_backend": "mediapipe"}},
-        "4": {"class_type": "VAELoader", "inputs": {"vae_name": TINY_MODELS.vae}},
-        "5": {"class_type": "LoadImage", "inputs": {"image": reference}},
-        "6": {"class_type": "FlashPortraitExtractExpressionsFromVideo",
-              "inputs": {"video": video, "expression_model": ["3", 0], "batch_size": 4, "max_frames": 5,
-                         "smoothing": 0.5, "target_fps": 25.0, "path": ""}},
-        "7": {"class_type": "FlashPortraitEmotionConditioning",
-              "inputs": {"expressions": ["6", 0], "portrait_encoder": ["2", 0], "ip_scale": 1.0, "emo_cfg": 1.0,
-                         "text_cfg": 1.0}},
-        "8": {"class_type": "FlashPortraitWindows", "inputs": {"window_length": window_length, "overlap": overlap}},
-        "9": {"class_type": "FlashPortraitLoadConditioning",
-              "inputs": {"conditioning": TINY_MODELS.precomputed_conditioning}},
-        "10": {"class_type": "FlashPortraitSampler",
-               "inputs": {"model": ["1", 0], "positive": ["9", 0], "negative": ["9", 1],
-                          "clip_vision_output": ["9", 2], "vae": ["4", 0], "reference_image": ["5", 0],
-                          "emotion": ["7", 0], "windows": ["8", 0], "seed": seed, "steps": 1, "shift": 5.0,
-                          "max_side": 32, "acceleration": "off", "target_speedup": 0.0}},
-        "11": {"class_type": "PreviewAny", "inputs": {"source": ["10", 1]}},
-    }
+    """The smallest whole animation (5 driving frames, 1 step, 32 px), its report previewed."""
+    graph = tiny_animation_prompt(video, reference, seed, emo_cfg=1.0, window_length=window_length,
+                                  overlap=overlap)
+    graph["11"] = {"class_type": "PreviewAny", "inputs": {"source": ["10", 1]}}
+    return graph
 
 
 # --- checkpoints in the wrong slot --------------------------------------------------------------------------
