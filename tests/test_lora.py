@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from flashportrait_core.lora_keys import convert_step_distill_lora, lora_key_summary
 from pack import REPO_ROOT, import_pack
+from tiny_nodes import tiny_vae  # noqa: F401 (fixture)
 
 pack = import_pack()
 import comfy.lora  # noqa: E402
@@ -155,14 +156,6 @@ def _run_sampler(model, vae, acceleration="4-step LoRA", steps=30, sampler="eule
         model, positive, negative, clip_output, vae, reference, emotion, windows, 7, steps, 5.0, 32,
         acceleration, target_speedup, sampler)
     return out.result[0]["samples"], out.result[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_vae(tiny_setup, tiny_models_dir):
-    import comfy.sd
-    from flashportrait_core.checkpoints import load_state_dict
-
-    return comfy.sd.VAE(sd=load_state_dict(tiny_models_dir / "vae" / "wan_2.1_vae_tiny.safetensors"))
 
 
 def test_sampler_four_step_lora_path_runs_four_steps_with_the_lora(tiny_setup, tiny_vae):

@@ -4,17 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flashportrait_core.checkpoints import load_state_dict
 from flashportrait_core.emotion_conditioning import EmotionConditioning
 from flashportrait_core.windows import plan_windows
 from pack import import_pack
+from tiny_nodes import tiny_folders, tiny_model, tiny_vae  # noqa: F401 (fixtures)
 
 pack = import_pack()
 import comfy.model_management  # noqa: E402
-import comfy.sd  # noqa: E402
 import folder_paths  # noqa: E402
 
-loaders = pack.nodes.loaders
 conditioning_nodes = pack.nodes.conditioning
 wan_runner = pack.nodes.wan_runner
 alp_core = pack.flashportrait_core.alp
@@ -23,14 +21,8 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def tiny_setup(tiny_models_dir):
-    for folder in ("diffusion_models", "vae", "flashportrait", "flashportrait_conditioning"):
-        folder_paths.add_model_folder_path(folder, str(tiny_models_dir / folder))
-    pack.nodes.register_model_folders()
-    model = loaders.FlashPortraitModelLoader.execute("wan2.1_i2v_tiny.safetensors", "transformer_tiny.pt",
-                                                     "default").result[0]
-    vae = comfy.sd.VAE(sd=load_state_dict(tiny_models_dir / "vae" / "wan_2.1_vae_tiny.safetensors"))
-    return model, vae
+def tiny_setup(tiny_model, tiny_vae):
+    return tiny_model, tiny_vae
 
 
 @pytest.fixture
