@@ -22,8 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from driving_clips import concatenate_clips
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DRIVING = REPO_ROOT / "../shared/data/driving"
 CLIPS = ("lp_d0.mp4", "lp_d11.mp4", "lp_d12.mp4")  # all 512x512 at 25 fps
 FPS = 25
 
@@ -81,28 +82,8 @@ def worker(video: str, max_frames: int | None, encoder_kind: str, weights: str |
 
 
 def make_long_video(path: Path, seconds: float) -> int:
-    """Concatenate the real clips (re-encoded, H.264) until `seconds` long; returns the frame count."""
-    import av
-
-    wanted = int(round(seconds * FPS))
-    written = 0
-    with av.open(str(path), "w") as output:
-        stream = output.add_stream("libx264", rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = 512, 512, "yuv420p"
-        stream.options = {"crf": "20", "preset": "veryfast"}
-        while written < wanted:
-            for clip in CLIPS:
-                with av.open(str(DRIVING / clip)) as source:
-                    for frame in source.decode(video=0):
-                        if written == wanted:
-                            break
-                        image = frame.to_ndarray(format="rgb24")
-                        for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                            output.mux(packet)
-                        written += 1
-        for packet in stream.encode():
-            output.mux(packet)
-    return written
+    """Concatenate the real clips (re-encoded, H.264, 512x512) until `seconds` long; returns the frame count."""
+    return concatenate_clips(path, CLIPS, int(round(seconds * FPS)), 512, FPS)
 
 
 def main() -> None:

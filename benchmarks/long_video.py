@@ -25,13 +25,14 @@ import threading
 import time
 from pathlib import Path
 
+from driving_clips import concatenate_clips
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from scripts import comfy_client, host  # noqa: E402
 from scripts.workflow_prep import LONG_WORKFLOW, TINY_MODELS, Settings, load_ui_workflow, prepare_prompt  # noqa: E402
 
-DRIVING = REPO_ROOT.parent / "shared" / "data" / "driving"
 REFERENCE = REPO_ROOT.parent / "shared" / "data" / "reference" / "fp_case1.png"
 # The square clips (480x480 or 512x512); the portrait-orientation and full-body ones would need cropping.
 CLIPS = ("lp_d0.mp4", "lp_d3.mp4", "lp_d6.mp4", "lp_d10.mp4", "lp_d11.mp4", "lp_d12.mp4", "lp_d14.mp4",
@@ -41,40 +42,8 @@ OUT = REPO_ROOT / "benchmarks" / "out" / "long_video"
 
 
 def make_driving_video(path: Path, seconds: float, side: int) -> int:
-    """Concatenate the clips' frames (cycling through them) into a ``side``-square H.264 MP4 at 25 fps.
-
-    Every source frame is kept and re-timed to 25 fps (the 30 fps clips play 1.2x slower); returns the frame
-    count. An existing file with the right frame count is reused.
-    """
-    import av
-
-    wanted = int(round(seconds * FPS))
-    if path.is_file():
-        with av.open(str(path)) as existing:
-            if existing.streams.video[0].frames == wanted:
-                return wanted
-    partial = path.with_suffix(".partial.mp4")
-    written = 0
-    with av.open(str(partial), "w") as output:
-        stream = output.add_stream("libx264", rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = side, side, "yuv420p"
-        stream.options = {"crf": "20", "preset": "veryfast"}
-        while written < wanted:
-            for clip in CLIPS:
-                with av.open(str(DRIVING / clip)) as source:
-                    for frame in source.decode(video=0):
-                        if written == wanted:
-                            break
-                        pixels = frame.reformat(width=side, height=side, format="rgb24").to_ndarray()
-                        for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
-                            output.mux(packet)
-                        written += 1
-                if written == wanted:
-                    break
-        for packet in stream.encode():
-            output.mux(packet)
-    partial.replace(path)
-    return written
+    """The square clips, cycled and re-timed to 25 fps (the 30 fps clips play 1.2x slower), ``seconds`` long."""
+    return concatenate_clips(path, CLIPS, int(round(seconds * FPS)), side, FPS)
 
 
 class PeakMemory:
