@@ -72,6 +72,18 @@ const HINT_RULES = {
   },
 };
 
+// A fixed-height DOM widget that only displays: never saved in the workflow nor sent with the prompt.
+function addDisplayWidget(node, name, type, element, height) {
+  const widget = node.addDOMWidget(name, type, element, {
+    serialize: false,
+    hideOnZoom: false,
+    getMinHeight: () => height,
+    getMaxHeight: () => height,
+  });
+  widget.serialize = false;
+  return widget;
+}
+
 function nodeHints(node) {
   return HINT_RULES[node.comfyClass]?.(node) ?? [];
 }
@@ -190,13 +202,7 @@ function addWindowPlanWidget(node) {
   hintLine.style.color = "#ffb347";
   container.append(canvas, caption, hintLine);
 
-  const widget = node.addDOMWidget("window_plan", "flashportrait_window_plan", container, {
-    serialize: false,
-    hideOnZoom: false,
-    getMinHeight: () => PLAN_HEIGHT + 34,
-    getMaxHeight: () => PLAN_HEIGHT + 34,
-  });
-  widget.serialize = false;
+  const widget = addDisplayWidget(node, "window_plan", "flashportrait_window_plan", container, PLAN_HEIGHT + 34);
 
   let request = 0;
   let timer = null;
@@ -277,13 +283,7 @@ function addSamplerReportWidget(node) {
   details.style.cssText = "margin:0;white-space:pre-wrap;font:10px monospace;max-height:90px;overflow:auto;";
   container.append(summary, bar, details);
 
-  const widget = node.addDOMWidget("alp_report", "flashportrait_report", container, {
-    serialize: false,
-    hideOnZoom: false,
-    getMinHeight: () => 130,
-    getMaxHeight: () => 130,
-  });
-  widget.serialize = false;
+  const widget = addDisplayWidget(node, "alp_report", "flashportrait_report", container, 130);
 
   const onExecuted = node.onExecuted;
   node.onExecuted = function (output) {
