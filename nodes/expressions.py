@@ -206,15 +206,17 @@ class FlashPortraitPreviewFaces(io.ComfyNode):
             display_name="FlashPortrait Preview Faces",
             category="FlashPortrait",
             description="Draws the face box and the 5 alignment points over the driving frames, so you can see "
-                        "whether the face was followed: green box = detected, orange = interpolated. With the "
-                        "MediaPipe backend the 478 face-mesh landmarks are drawn too (cyan).",
+                        "whether the face was followed: green box = detected, orange = interpolated. The face "
+                        "backend's landmarks are drawn too (cyan): MediaPipe's 478-point face mesh, or insightface's "
+                        "106 points when the pack has 2d106det.onnx.",
             inputs=[
                 io.Image.Input("driving_frames", tooltip="The driving frames the expressions were extracted from "
                                                          "(the first N are drawn; a resized copy works too)."),
                 types.Expressions.Input("expressions", tooltip="From a FlashPortrait Extract Expressions node."),
                 io.Boolean.Input("draw_landmarks", default=True, optional=True,
                                  tooltip="Also draw the face backend's dense landmarks where it has them "
-                                         "(MediaPipe's 478-point face mesh; insightface's detector has none)."),
+                                         "(MediaPipe's 478-point face mesh; insightface's 106 points when the "
+                                         "pack has 2d106det.onnx, none otherwise)."),
             ],
             outputs=[io.Image.Output(display_name="preview")],
         )

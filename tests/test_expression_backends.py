@@ -1,7 +1,7 @@
 """Face backend choice: insightface pack discovery and its errors, `auto`, and the SCRFD output decoding.
 
-No insightface pack can be fetched here, so the SCRFD network itself never runs in these tests: discovery,
-errors and the post-processing arithmetic are tested; detection results are never made up.
+Discovery, errors and the post-processing arithmetic are tested here; tests/test_insightface_runtime.py runs
+the backend through onnxruntime on insightface-format files.
 """
 
 from __future__ import annotations

@@ -1,15 +1,21 @@
 """Face backend on insightface's SCRFD detector (5 points per face), read from a model pack with onnxruntime.
 
 ComfyUI users keep insightface packs as `models/insightface/models/<pack>/` (e.g. `buffalo_l` with
-`det_10g.onnx`, `antelopev2` with `scrfd_10g_bnkps.onnx`). Only the detector file is used: its five points (eye
-centres, nose tip, mouth corners, image-left first) are the PD-FGC alignment points. The `insightface` package is
-not needed; onnxruntime (CPU or CUDA) runs the file.
+`det_10g.onnx`, `antelopev2` with `scrfd_10g_bnkps.onnx`). The detector's five points (eye centres, nose tip,
+mouth corners, image-left first) are the PD-FGC alignment points. When the pack also holds the 106-point landmark
+model (`2d106det.onnx`), the followed face's 106 landmarks are found too, for the preview only. The `insightface`
+package is not needed; onnxruntime (CPU or CUDA) runs the files.
 
 Detection follows the published SCRFD post-processing: the frame is scaled into a square input (top-left,
 aspect kept), normalised as (x - 127.5) / 128 in RGB; each of the strides 8, 16, 32 has two anchors per cell whose
 centre plus the predicted distances (times the stride) give the box and the points; scores >= 0.5 are kept and
 non-maximum suppression at IoU 0.4 removes duplicates. Each frame is detected alone; one face is followed through
 the video (`FaceFollower`).
+
+Landmarks follow insightface's published recipe: a square crop centred on the detector's box, its side 1.5x the
+box's longer side, scaled to the model's input (192), RGB; the model's outputs lie in [-1, 1] across the crop.
+Whether the model normalises its own input (then the pixels go in as they are) or expects (x - 127.5) / 128 is
+read from its first graph nodes, as insightface does; reading the graph needs the `onnx` package.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ SCORE_THRESHOLD = 0.5
 NMS_THRESHOLD = 0.4
 STRIDES = (8, 16, 32)
 ANCHORS_PER_CELL = 2
+LANDMARK_PREFIX = "2d106"
+LANDMARK_POINTS = 106
+LANDMARK_CROP_SCALE = 1.5  # crop side over the detector box's longer side
 
 
 class InsightFaceUnavailableError(ImportError):
@@ -95,6 +104,80 @@ def find_detector(roots: Sequence[str | os.PathLike[str]], pack: str | None = No
         f"{roots[0] / 'models' / wanted}/ (its face detector is det_10g.onnx for buffalo_l, scrfd_10g_bnkps.onnx "
         f"for antelopev2; as ComfyUI's {EXAMPLE_LAYOUT}). Searched: {searched}"
     )
+
+
+def find_landmark_model(detector: str | os.PathLike[str]) -> Path | None:
+    """The pack's 106-point landmark model (`2d106det.onnx`) beside its detector, or None when the pack has none."""
+    folder = Path(detector).parent
+    files = sorted(p for p in folder.iterdir() if p.suffix == ".onnx" and p.name.startswith(LANDMARK_PREFIX))
+    return files[0] if files else None
+
+
+def input_normalisation(model_path: str | os.PathLike[str]) -> tuple[float, float]:
+    """(mean, std) to apply to 0-255 pixels before the landmark model: (0, 1) when its graph starts by subtracting
+    and multiplying (or with a `bn_data` node), else (127.5, 128)."""
+    try:
+        import onnx
+    except ImportError as error:
+        raise InsightFaceUnavailableError(
+            f"reading the input normalisation of {Path(model_path).name} needs the onnx package: pip install onnx "
+            "(the face detector works without it)"
+        ) from error
+    nodes = onnx.load(str(model_path), load_external_data=False).graph.node
+    subtracts = multiplies = False
+    for index, node in enumerate(nodes[:8]):
+        subtracts |= node.name.startswith(("Sub", "_minus"))
+        multiplies |= node.name.startswith(("Mul", "_mul"))
+        if index < 3 and node.name == "bn_data":
+            subtracts = multiplies = True
+    return (0.0, 1.0) if subtracts and multiplies else (127.5, 128.0)
+
+
+def landmark_crop_transform(box: np.ndarray, size: int) -> np.ndarray:
+    """[2, 3] affine map from frame pixels to the landmark model's input: the box's centre to the middle, its
+    longer side to size / LANDMARK_CROP_SCALE pixels."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    scale = size / (max(x1 - x0, y1 - y0) * LANDMARK_CROP_SCALE)
+    centre_x, centre_y = (x0 + x1) / 2, (y0 + y1) / 2
+    return np.array([[scale, 0.0, size / 2 - scale * centre_x],
+                     [0.0, scale, size / 2 - scale * centre_y]], dtype=np.float64)
+
+
+class LandmarkModel:
+    """The 106-point landmark model of an insightface pack, run on the face boxes of a batch of frames."""
+
+    def __init__(self, model_path: str | os.PathLike[str], providers: Sequence[str]) -> None:
+        runtime = import_onnxruntime()
+        self.path = Path(model_path)
+        self.mean, self.std = input_normalisation(self.path)
+        self._session: Any = runtime.InferenceSession(str(self.path), providers=list(providers))
+        model_input = self._session.get_inputs()[0]
+        self._input_name = model_input.name
+        self.size = int(model_input.shape[2]) if isinstance(model_input.shape[2], int) else 192
+        outputs = self._session.get_outputs()
+        width = outputs[0].shape[1] if len(outputs) == 1 and len(outputs[0].shape) == 2 else None
+        if not isinstance(width, int) or width < 2 * LANDMARK_POINTS:
+            raise ValueError(f"{self.path.name} is not a 2D landmark model: expected one output of at least "
+                             f"{2 * LANDMARK_POINTS} values, got {[o.shape for o in outputs]}")
+
+    def landmarks(self, frames: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> np.ndarray:
+        """RGB uint8 frames and one face box each -> landmarks [N, 106, 2] in frame pixels."""
+        import cv2
+
+        if not frames:
+            return np.zeros((0, LANDMARK_POINTS, 2), dtype=np.float32)
+        transforms = [landmark_crop_transform(box, self.size) for box in boxes]
+        crops = [cv2.warpAffine(frame, transform, (self.size, self.size), borderValue=0.0)
+                 for frame, transform in zip(frames, transforms)]
+        blob = ((np.stack(crops).astype(np.float32) - self.mean) / self.std).transpose(0, 3, 1, 2)
+        predicted = self._session.run(None, {self._input_name: np.ascontiguousarray(blob)})[0]
+        # Models with more than 106 rows put the 106 points last.
+        crop_points = (predicted.reshape(len(frames), -1, 2)[:, -LANDMARK_POINTS:] + 1.0) * (self.size // 2)
+        points = np.empty_like(crop_points, dtype=np.float64)
+        for index, transform in enumerate(transforms):
+            scale, offset = transform[0, 0], transform[:, 2]
+            points[index] = (crop_points[index] - offset) / scale
+        return points.astype(np.float32)
 
 
 def letterbox(frame: np.ndarray, size: int) -> tuple[np.ndarray, float]:
@@ -166,7 +249,7 @@ class InsightFaceBackend:
     """SCRFD from an insightface pack; follows one face (the largest at the start)."""
 
     def __init__(self, detector_path: str | os.PathLike[str], providers: Sequence[str] | None = None,
-                 input_size: int = INPUT_SIZE) -> None:
+                 input_size: int = INPUT_SIZE, landmarks: bool = True) -> None:
         runtime = import_onnxruntime()
         self.detector_path = Path(detector_path)
         if not self.detector_path.is_file():
@@ -178,7 +261,10 @@ class InsightFaceBackend:
         self._input_name = self._session.get_inputs()[0].name
         self._input_size = input_size
         self._follower = FaceFollower()
-        self.description = f"insightface ({self.detector_path.parent.name}/{self.detector_path.name})"
+        landmark_path = find_landmark_model(self.detector_path) if landmarks else None
+        self._landmarks = LandmarkModel(landmark_path, chosen) if landmark_path is not None else None
+        files = self.detector_path.name + ("" if landmark_path is None else f" + {landmark_path.name}")
+        self.description = f"insightface ({self.detector_path.parent.name}/{files})"
 
     def __enter__(self) -> InsightFaceBackend:
         return self
@@ -205,10 +291,13 @@ class InsightFaceBackend:
             raise ValueError("frames_uint8 must be a uint8 RGB numpy array [B, H, W, 3]")
         if reset:
             self._follower.reset()
-        track = FaceTrack.empty(frames_uint8.shape[0])
+        track = FaceTrack.empty(frames_uint8.shape[0], LANDMARK_POINTS if self._landmarks is not None else 0)
         for index, frame in enumerate(frames_uint8):
             boxes, _, points = self.faces(frame)
             chosen = self._follower.choose(list(boxes))
             if chosen is not None:
                 track.points[index], track.boxes[index], track.found[index] = points[chosen], boxes[chosen], True
+        if self._landmarks is not None and track.found.any():
+            found = np.flatnonzero(track.found)
+            track.landmarks[found] = self._landmarks.landmarks([frames_uint8[i] for i in found], track.boxes[found])
         return track
