@@ -5,7 +5,7 @@ from typing import Callable
 
 import torch
 
-from .solvers import make_step_update
+from .solvers import StepHistory, make_step_update
 from .windows import WindowPlan, blend_weights
 
 
@@ -39,6 +39,7 @@ def sample_flow_windows(
     compute_device: torch.device | str | None = None,
     start_step: int = 0,
     after_step: Callable[[int, torch.Tensor], None] | None = None,
+    step_history: StepHistory | None = None,
 ) -> torch.Tensor:
     """Flow-matching Euler over overlapping context windows; returns the clean latents.
 
@@ -46,7 +47,8 @@ def sample_flow_windows(
     blended with the published cross-fade (an overwrite at step 0) and one Euler step moves all frames.
     Blending velocities and then stepping equals stepping each window and blending the results, because the
     Euler step is linear in the velocity. ``solver`` "adams2"/"adams3" steps with Adams-Bashforth over the
-    blended velocities of the last steps instead (``solvers.make_step_update``); also linear.
+    blended velocities of the last steps instead (``solvers.make_step_update``), kept in ``step_history``
+    (on the storage device); also linear.
 
     Bounded device memory: the full latents and the blend accumulator stay on ``noise``'s device (the storage
     device, e.g. the CPU). With ``compute_device`` set, each window's slice is copied there for ``velocity``
@@ -54,8 +56,9 @@ def sample_flow_windows(
     the blend is elementwise, so the result equals the loop run wholly on one device.
 
     Resuming: ``noise`` may instead be the latents after ``start_step`` completed steps; the loop continues
-    from there. ``after_step(completed_steps, latents)`` sees the latents (on the storage device) after every
-    step, e.g. to write a checkpoint.
+    from there, with the multistep ``step_history`` of those steps for the Adams solvers.
+    ``after_step(completed_steps, latents)`` sees the latents (on the storage device) after every step, e.g. to
+    write a checkpoint.
     """
     if noise.shape[frame_dim] != plan.num_frames:
         raise ValueError(f"latents have {noise.shape[frame_dim]} frames but the window plan covers "
@@ -68,7 +71,7 @@ def sample_flow_windows(
     compute = x.device if compute_device is None else torch.device(compute_device)
     weight_table = {crossfade: blend_weights(plan, crossfade).to(torch.float32) for crossfade in (False, True)}
     view_shape = [1] * x.ndim
-    step_update = make_step_update(solver)  # Euler, or a multistep update over blended velocities
+    step_update = make_step_update(solver, step_history)  # Euler, or multistep over blended velocities
     for step in range(start_step, steps):
         sigma, sigma_next = float(sigmas[step]), float(sigmas[step + 1])
         weights = weight_table[step > 0].to(x.device)

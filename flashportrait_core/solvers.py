@@ -16,6 +16,7 @@ Solvers here:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -211,26 +212,37 @@ STEP_SOLVERS = ("euler", "adams2", "adams3")
 StepUpdate = Callable[[float, float, torch.Tensor], torch.Tensor]
 
 
-def make_step_update(solver: str) -> StepUpdate:
-    """The latent increment of one step for ``solver``; stateful for multistep solvers (one per sampling run).
+@dataclass
+class StepHistory:
+    """What a multistep update carries from one step to the next: the last blended velocities and their sigmas.
+
+    Kept outside the update so that a resumable loop can save it with the latents and put it back."""
+
+    sigmas: list[float] = field(default_factory=list)
+    velocities: list[torch.Tensor] = field(default_factory=list)
+
+
+def make_step_update(solver: str, history: StepHistory | None = None) -> StepUpdate:
+    """The latent increment of one step for ``solver``.
 
     ``euler``: (sigma_next - sigma) * v. ``adamsK``: Adams-Bashforth of order K over the velocities passed
-    in so far (lower order while the history fills), exactly as ``sample_adams``. Every update is linear in
-    the velocities, so blending window velocities and then stepping equals stepping each window and blending.
+    in so far (lower order while the history fills), exactly as ``sample_adams``; the velocities are kept in
+    ``history`` (a fresh one when None; pass a restored one to continue an interrupted run). Every update is
+    linear in the velocities, so blending window velocities and then stepping equals stepping each window and
+    blending.
     """
     if solver == "euler":
         return lambda sigma, sigma_next, velocity: (sigma_next - sigma) * velocity
     if solver not in STEP_SOLVERS:
         raise ValueError(f"solver must be one of {STEP_SOLVERS}, got {solver!r}")
     order = int(solver[len("adams"):])
-    history_sigmas: list[float] = []
-    history_velocities: list[torch.Tensor] = []
+    history = StepHistory() if history is None else history
 
     def adams_update(sigma: float, sigma_next: float, velocity: torch.Tensor) -> torch.Tensor:
-        history_sigmas.append(float(sigma))
-        history_velocities.append(velocity)
-        del history_sigmas[:-order], history_velocities[:-order]
-        weights = lagrange_step_weights(history_sigmas, sigma, sigma_next)
-        return sum(w * v for w, v in zip(weights, history_velocities))
+        history.sigmas.append(float(sigma))
+        history.velocities.append(velocity)
+        del history.sigmas[:-order], history.velocities[:-order]
+        weights = lagrange_step_weights(history.sigmas, sigma, sigma_next)
+        return sum(w * v for w, v in zip(weights, history.velocities))
 
     return adams_update

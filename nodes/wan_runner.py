@@ -20,7 +20,7 @@ from ..flashportrait_core.emotion_conditioning import EmotionConditioning
 from ..flashportrait_core.guidance import combine_guidance, guidance_passes
 from ..flashportrait_core.resume import (checkpoint_path, move_window_state, resume_key,
                                          sample_flow_windows_resumable)
-from ..flashportrait_core.sampling import flow_sigmas, sample_flow_windows
+from ..flashportrait_core.sampling import flow_sigmas
 from ..flashportrait_core.windows import WindowPlan
 from .wan_patch import BLOCK_PROBE_KEY, EMOTION_OPTIONS_KEY, BlockProbe, EmotionPass
 
@@ -326,14 +326,10 @@ def _sample_all_windows(model_patcher, vae, positive: torch.Tensor, negative: to
         if accelerated is not None:
             accelerated.restore_checkpoint_state(saved)
 
-    if solver != "euler":  # a multistep history is not in the checkpoints: such a run is not resumable
-        latents = sample_flow_windows(noise.to(storage), sigmas, plan, velocity, solver=solver,
-                                      compute_device=model_patcher.load_device)
-    else:
-        latents, report.resumed_from_step = sample_flow_windows_resumable(
-            noise.to(storage), sigmas, plan, velocity, checkpoint_path(resume_folder(), key),
-            key, accelerated.states if accelerated is not None else (), save_extra, restore_extra,
-            compute_device=model_patcher.load_device)
+    latents, report.resumed_from_step = sample_flow_windows_resumable(
+        noise.to(storage), sigmas, plan, velocity, checkpoint_path(resume_folder(), key),
+        key, accelerated.states if accelerated is not None else (), save_extra, restore_extra,
+        compute_device=model_patcher.load_device, solver=solver)
     report.denoise_seconds = time.perf_counter() - denoise_started
     report.seconds = time.perf_counter() - started
     latents = model_patcher.model.process_latent_out(latents.cpu())

@@ -137,6 +137,36 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, alp, stop_at):
             assert resumed_state.skipped_steps == reference_state.skipped_steps
 
 
+@pytest.mark.parametrize("solver", ["adams2", "adams3"])
+def test_resumed_adams_run_equals_an_uninterrupted_one(tmp_path, solver):
+    """The multistep history (the last blended velocities) comes back with the latents; without it the first
+    resumed steps would fall back to lower orders and land elsewhere."""
+    noise, target = _noise_and_target()
+    sigmas = flow_sigmas(STEPS, 3.0)
+    key = resume_key(seed=0, steps=STEPS, solver=solver)
+    file = checkpoint_path(tmp_path / "resume", key)
+    uninterrupted = sample_flow_windows(noise, sigmas, PLAN, ToyVelocity(target), solver=solver)
+    assert not torch.equal(uninterrupted, sample_flow_windows(noise, sigmas, PLAN, ToyVelocity(target)))
+
+    fail_after = 5 * len(PLAN.windows) + 2  # during step 6: steps 0-4 are complete
+    with pytest.raises(Interrupted):
+        sample_flow_windows_resumable(noise, sigmas, PLAN, ToyVelocity(target, fail_after), file, key,
+                                      solver=solver)
+    saved = load_checkpoint(file, key)
+    order = int(solver[-1])
+    assert saved.completed_steps == 5
+    assert saved.step_history["sigmas"] == [float(s) for s in sigmas[5 - order:5]]
+    assert len(saved.step_history["velocities"]) == order
+
+    forgetful = sample_flow_windows(saved.latents, sigmas, PLAN, ToyVelocity(target), solver=solver, start_step=5)
+    assert not torch.equal(forgetful, uninterrupted)
+    result, started_from = sample_flow_windows_resumable(noise, sigmas, PLAN, ToyVelocity(target), file, key,
+                                                         solver=solver)
+    assert started_from == 5
+    assert torch.equal(result, uninterrupted)
+    assert not file.exists()
+
+
 def test_resuming_without_the_alp_histories_would_differ(tmp_path):
     """The ALP state is part of what must be restored: the latents alone give another result."""
     noise, target = _noise_and_target()

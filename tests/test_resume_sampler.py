@@ -33,7 +33,7 @@ def output_dir(tmp_path):
     folder_paths.set_output_directory(previous)
 
 
-def _sample(model, vae, alp, seed=7):
+def _sample(model, vae, alp, seed=7, solver="euler"):
     positive, negative, clip_output = conditioning_nodes.FlashPortraitLoadConditioning.execute(
         "tiny_prompt.safetensors").result
     tokens = torch.randn(7, 97, 64, generator=torch.Generator().manual_seed(0))
@@ -43,7 +43,7 @@ def _sample(model, vae, alp, seed=7):
     height, width = wan_runner.generation_size(40, 30, 32)
     return wan_runner.run_flashportrait_sampling(model, vae, positive[0][0], negative[0][0], clip_output,
                                                  reference, emotion, plan_windows(7, 4, 2), seed, STEPS, 5.0,
-                                                 height, width, alp)
+                                                 height, width, alp, solver=solver)
 
 
 class InterruptAfter:
@@ -92,6 +92,18 @@ def test_interrupted_sampler_resumes_to_the_same_latents(tiny_setup, output_dir)
     assert report.model_passes == full_report.model_passes  # counts carried over in the checkpoint
     assert [s.computed_steps for s in report.alp_states] == [s.computed_steps for s in full_report.alp_states]
     assert not (output_dir / wan_runner.RESUME_SUBFOLDER).exists()
+
+
+def test_interrupted_adams_sampler_resumes_to_the_same_latents(tiny_setup, output_dir):
+    model, vae = tiny_setup
+    uninterrupted, _ = _sample(model, vae, None, solver="adams2")
+    # 3 windows x 2 guided passes a step: the interrupt in step 2 leaves steps 0-1 checkpointed with their
+    # velocity history.
+    with InterruptAfter(model, calls=14), pytest.raises(comfy.model_management.InterruptProcessingException):
+        _sample(model, vae, None, solver="adams2")
+    resumed, report = _sample(model, vae, None, solver="adams2")
+    assert report.resumed_from_step == 2
+    assert torch.equal(resumed, uninterrupted)
 
 
 def test_latents_stay_on_the_model_device_for_one_window_or_a_cpu_model():
