@@ -129,3 +129,35 @@ def test_loader_reports_a_missing_insightface_pack(tmp_path: Path, monkeypatch: 
     assert f"put the pack's files in {tmp_path / 'models' / 'insightface' / 'models' / 'buffalo_l'}/" in \
         str(raised.value)
     assert pack.nodes.loaders.insightface_roots() == [str(tmp_path / "models" / "insightface")]
+
+
+def test_insightface_pack_runs_through_the_nodes(tmp_path: Path, input_dir: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """An insightface-format pack (tests/tiny_insightface.py) in models/insightface: the loader picks it for
+    `auto`, the report names its files and Preview Faces draws its 106 landmarks."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import numpy as np
+    from tiny_insightface import PlantedFace, write_landmark_model, write_scrfd
+
+    folder = tmp_path / "models" / "insightface" / "models" / "buffalo_l"
+    write_scrfd(folder / "det_10g.onnx", [PlantedFace(row=30, column=30, score=0.9, box_distances=(8, 9, 8, 10))])
+    write_landmark_model(folder / "2d106det.onnx", np.zeros((3, 212)), np.linspace(-0.6, 0.6, 212), True)
+    monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path / "models"))
+    shutil.copy(DRIVING / "lp_d0.mp4", input_dir / "talking.mp4")
+    choice = pack.flashportrait_core.expression.backends.resolve_face_backend(
+        "auto", pack.nodes.loaders.insightface_roots())
+    model = pack.nodes.loaders.ExpressionModel(encoder=load_fan_encoder(random_fan_encoder_state_dict(seed=5)),
+                                               face_backend="auto", backend=choice)
+    expressions, fps, frame_count, report = expressions_nodes.FlashPortraitExtractExpressionsFromVideo.execute(
+        video="talking.mp4", expression_model=model, batch_size=2, max_frames=3, smoothing=0.0, target_fps=0.0,
+        path="").result
+    assert report.endswith("faces: insightface (buffalo_l/det_10g.onnx + 2d106det.onnx), chosen by auto")
+    assert expressions.landmarks.shape == (3, 106, 2) and bool(torch.isfinite(expressions.landmarks).all())
+    frames, _ = read_video_frames(DRIVING / "lp_d0.mp4", max_frames=3)
+    with_landmarks, = expressions_nodes.FlashPortraitPreviewFaces.execute(driving_frames=frames,
+                                                                          expressions=expressions).result
+    without, = expressions_nodes.FlashPortraitPreviewFaces.execute(driving_frames=frames, expressions=expressions,
+                                                                   draw_landmarks=False).result
+    changed = (with_landmarks != without).any(dim=-1)
+    assert 50 < int(changed[0].sum()) <= 106 * 9  # the 106 dots (some may coincide or sit under the 5 points)
