@@ -141,6 +141,24 @@ def test_lost_face_is_not_replaced_by_another_until_it_stays_away(backend: Media
     assert (track.points[8 + REACQUIRE_AFTER_FRAMES:, :, 0] > 320).all()
 
 
+def test_one_face_mesh_takes_over_only_holding_the_followed_face(backend: MediaPipeFaceBackend) -> None:
+    # One face: after the first frame the one-face mesh (no detector while it tracks) finds every frame.
+    backend.detect(_first_frames("lp_d19.mp4", 3))
+    assert backend._tracking_followed
+    # Two faces, the big one followed; a one-face mesh that holds the small face is not used and is restarted.
+    frames = _two_face_video(6, small_from=0, big_from=0)
+    backend.detect(frames[:1])
+    small_face = SimpleNamespace(landmark=[SimpleNamespace(x=0.05 + 0.3 * v, y=0.2 + 0.5 * v)
+                                           for v in np.linspace(0, 1, 478)])
+    wrong = SimpleNamespace(process=lambda image: SimpleNamespace(multi_face_landmarks=[small_face]),
+                            close=lambda: None)
+    backend._tracking_mesh, backend._tracking_followed = wrong, False
+    track = backend.detect(frames[1:], reset=False)
+    assert track.found.all() and (track.points[..., 0] > 320).all()
+    assert backend._tracking_mesh is not wrong and not backend._tracking_followed
+    assert backend._handover_wait == REACQUIRE_AFTER_FRAMES - 4  # waited through the 4 frames after the restart
+
+
 def test_choose_face_follows_the_nearest_matching_box() -> None:
     left, right = np.array([0.0, 0, 100, 100]), np.array([300.0, 0, 500, 200])
     assert choose_face([left, right], None) == 1  # nothing followed yet: the largest

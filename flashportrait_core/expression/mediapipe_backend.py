@@ -8,6 +8,11 @@ locates the face and the mesh runs on a square window around it; the window is k
 One face is followed through the video: the largest when tracking starts, then in each frame the face nearest
 to where it was last seen, even when another face appears or grows larger (no switching between people). When it
 has been out of sight for `REACQUIRE_AFTER_FRAMES` frames, the largest face is taken again.
+
+Speed: a mesh allowed several faces runs its face detector on every frame while it tracks fewer faces than it
+may, looking for more. So once the followed face is found, a second mesh allowed one face takes over as soon
+as it finds that same face: it only tracks (no detector) while the face stays, and tracking keeps to the
+face it has even when another appears. Where it loses the face, the several-face mesh looks again.
 """
 
 from __future__ import annotations
@@ -109,6 +114,9 @@ class MediaPipeFaceBackend:
         self._min_detection_confidence = min_detection_confidence
         self._min_tracking_confidence = min_tracking_confidence
         self._frame_mesh: Any = None
+        self._tracking_mesh: Any = None  # one face, full frames: follows the face without its detector
+        self._tracking_followed = False  # whether the tracking mesh holds the followed face
+        self._handover_wait = 0  # frames to wait before the tracking mesh may try again, after it found another face
         self._window_mesh: Any = None
         self._detector: Any = None
         self._window: np.ndarray | None = None
@@ -129,6 +137,9 @@ class MediaPipeFaceBackend:
         """Forget tracking state: the next frame starts a new video."""
         self.close()
         self._frame_mesh = self._new_mesh(self._max_faces)
+        self._tracking_mesh = self._new_mesh(1)
+        self._tracking_followed = False
+        self._handover_wait = 0
         self._window_mesh = self._new_mesh(1)
         self._detector = self._mp.solutions.face_detection.FaceDetection(
             model_selection=1, min_detection_confidence=self._min_detection_confidence
@@ -138,10 +149,10 @@ class MediaPipeFaceBackend:
         self._frames_unseen = 0
 
     def close(self) -> None:
-        for graph in (self._frame_mesh, self._window_mesh, self._detector):
+        for graph in (self._frame_mesh, self._tracking_mesh, self._window_mesh, self._detector):
             if graph is not None:
                 graph.close()
-        self._frame_mesh = self._window_mesh = self._detector = None
+        self._frame_mesh = self._tracking_mesh = self._window_mesh = self._detector = None
         self._window = None
 
     def __enter__(self) -> MediaPipeFaceBackend:
@@ -189,10 +200,35 @@ class MediaPipeFaceBackend:
 
     def _detect_frame(self, frame: np.ndarray) -> np.ndarray | None:
         if self._window is None:
-            landmarks = self._chosen_mesh_face(self._frame_mesh, frame, self._followed)
+            landmarks = self._tracked_face(frame)
             if landmarks is not None:
                 return landmarks
+            landmarks = self._chosen_mesh_face(self._frame_mesh, frame, self._followed)
+            if landmarks is not None:
+                self._hand_over(frame, landmarks)
+                return landmarks
+        self._tracking_followed = False
         return self._detect_in_window(frame)
+
+    def _tracked_face(self, frame: np.ndarray) -> np.ndarray | None:
+        """The followed face from the one-face mesh while that mesh holds it; None otherwise."""
+        if not self._tracking_followed:
+            return None
+        landmarks = self._chosen_mesh_face(self._tracking_mesh, frame, self._followed)
+        self._tracking_followed = landmarks is not None
+        return landmarks
+
+    def _hand_over(self, frame: np.ndarray, landmarks: np.ndarray) -> None:
+        """Let the one-face mesh take over if, on this frame, it finds the face the several-face mesh chose."""
+        if self._handover_wait > 0:
+            self._handover_wait -= 1
+            return
+        same = self._chosen_mesh_face(self._tracking_mesh, frame, _box_of(landmarks[:468]))
+        self._tracking_followed = same is not None
+        if same is None:  # it holds another face: start it afresh later
+            self._tracking_mesh.close()
+            self._tracking_mesh = self._new_mesh(1)
+            self._handover_wait = REACQUIRE_AFTER_FRAMES
 
     def _chosen_mesh_face(self, mesh: Any, image: np.ndarray, previous: np.ndarray | None,
                           offset: np.ndarray | None = None, scale: float = 1.0) -> np.ndarray | None:
