@@ -130,3 +130,24 @@ def test_extraction_runs_on_the_insightface_backend(tmp_path: Path) -> None:
         result = extract_expression_features(torch.from_numpy(frames), encoder, backend, batch_size=2)
     assert result.features.shape == (3, 554) and bool(torch.isfinite(result.features).all())
     assert result.found.all() and result.landmarks.shape == (3, LANDMARK_POINTS, 2)
+
+
+def test_without_onnx_the_detector_runs_and_the_report_says_why_there_are_no_landmarks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    detector = _pack(tmp_path, [FACE], landmark_bias=np.zeros(212))
+    import builtins
+
+    real_import = builtins.__import__
+
+    def refuse_onnx(name: str, *args: object, **kwargs: object) -> object:
+        if name == "onnx" or name.startswith("onnx."):
+            raise ModuleNotFoundError("No module named 'onnx'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", refuse_onnx)
+    note = "insightface (buffalo_l/det_10g.onnx; 2d106det.onnx not read: pip install onnx)"
+    assert resolve_face_backend("insightface", [tmp_path]).description == note
+    with InsightFaceBackend(detector) as backend:
+        track = backend.detect(_portrait()[None])
+        assert backend.description == note
+    assert track.found.all() and track.landmarks is None

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .face_track import FaceBackend
 from .insightface_backend import (InsightFacePackNotFoundError, InsightFaceUnavailableError, find_detector,
-                                  find_landmark_model, import_onnxruntime)
+                                  import_onnxruntime, pack_files)
 from .mediapipe_backend import MediaPipeUnavailableError, import_mediapipe
 
 BACKEND_CHOICES = ("auto", "mediapipe", "insightface")
@@ -45,9 +45,7 @@ class FaceBackendChoice:
 def _insightface(roots: Sequence[str | os.PathLike[str]], pack: str | None) -> FaceBackendChoice:
     import_onnxruntime()
     detector = find_detector(roots, pack)
-    landmarks = find_landmark_model(detector)
-    files = detector.name + ("" if landmarks is None else f" + {landmarks.name}")
-    return FaceBackendChoice("insightface", str(detector), f"insightface ({detector.parent.name}/{files})")
+    return FaceBackendChoice("insightface", str(detector), f"insightface ({pack_files(detector)})")
 
 
 def resolve_face_backend(choice: str, insightface_roots: Sequence[str | os.PathLike[str]] = (),

@@ -113,6 +113,27 @@ def find_landmark_model(detector: str | os.PathLike[str]) -> Path | None:
     return files[0] if files else None
 
 
+def onnx_installed() -> bool:
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pack_files(detector: str | os.PathLike[str]) -> str:
+    """The pack's files the backend reads, for the user: `buffalo_l/det_10g.onnx + 2d106det.onnx`, or a note
+    when the landmark model is there but cannot be read."""
+    detector = Path(detector)
+    landmarks = find_landmark_model(detector)
+    named = f"{detector.parent.name}/{detector.name}"
+    if landmarks is None:
+        return named
+    if not onnx_installed():
+        return f"{named}; {landmarks.name} not read: pip install onnx"
+    return f"{named} + {landmarks.name}"
+
+
 def input_normalisation(model_path: str | os.PathLike[str]) -> tuple[float, float]:
     """(mean, std) to apply to 0-255 pixels before the landmark model: (0, 1) when its graph starts by subtracting
     and multiplying (or with a `bn_data` node), else (127.5, 128)."""
@@ -261,10 +282,10 @@ class InsightFaceBackend:
         self._input_name = self._session.get_inputs()[0].name
         self._input_size = input_size
         self._follower = FaceFollower()
-        landmark_path = find_landmark_model(self.detector_path) if landmarks else None
+        # The 106 landmarks only feed the preview: without the onnx package the detector runs alone.
+        landmark_path = find_landmark_model(self.detector_path) if landmarks and onnx_installed() else None
         self._landmarks = LandmarkModel(landmark_path, chosen) if landmark_path is not None else None
-        files = self.detector_path.name + ("" if landmark_path is None else f" + {landmark_path.name}")
-        self.description = f"insightface ({self.detector_path.parent.name}/{files})"
+        self.description = f"insightface ({pack_files(self.detector_path)})"
 
     def __enter__(self) -> InsightFaceBackend:
         return self
