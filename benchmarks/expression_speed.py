@@ -14,6 +14,7 @@ per-frame loop is end to end with the default-layout module forward, one frame a
     .venv/bin/python benchmarks/expression_speed.py --threads 1             # torch intra-op threads
     .venv/bin/python benchmarks/expression_speed.py --frames 0 --only "end to end" "encoder (as shipped)"
                                                                           # the whole video, some stages
+    python benchmarks/expression_speed.py --device cuda --frames 0          # encoder and alignment on a GPU
 
 Without `--weights` the encoder has random weights at the real size (same cost per frame).
 """
@@ -56,6 +57,7 @@ class Bench:
     def __init__(self, video: Path, frames: int, batch_size: int, encoder: torch.nn.Module) -> None:
         self.video, self.frames, self.batch_size = video, frames, batch_size
         self.encoder = encoder  # channels-last once used
+        self.device = next(encoder.parameters()).device
         self.default_layout_encoder = copy.deepcopy(encoder).to(memory_format=torch.contiguous_format)
         self.backend = MediaPipeFaceBackend()
         # Inputs of the later stages, prepared once: decoded chunks, points, transforms, crops.
@@ -63,7 +65,7 @@ class Bench:
         track = extract_module.track_faces(self.chunks, self.backend)
         stable = extract_module.stabilize_track(track, 30.0, 0.5)
         self.transforms = similarity_to_template(torch.from_numpy(stable.points).to(torch.float64))
-        self.crops = torch.cat([extract_module.align_chunk(c, t, torch.device("cpu"))
+        self.crops = torch.cat([extract_module.align_chunk(c, t, self.device)
                                 for c, t in zip(self.chunks, self.transforms.split(batch_size))])
 
     def _sizes(self, per_frame: bool) -> int:
@@ -84,7 +86,7 @@ class Bench:
         step = self._sizes(per_frame)
         for start in range(0, self.frames, step):
             extract_module.align_chunk(frames[start:start + step], self.transforms[start:start + step],
-                                       torch.device("cpu"))
+                                       self.device)
 
     def encoder_as_shipped(self, per_frame: bool) -> None:
         for crops in self.crops.split(self._sizes(per_frame)):
@@ -125,6 +127,8 @@ def timed(function: Callable[[], None]) -> float:
     time.sleep(SETTLE_SECONDS)
     start = time.perf_counter()
     function()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # GPU work is asynchronous: count it all
     return time.perf_counter() - start
 
 
@@ -137,6 +141,7 @@ def main() -> None:
     parser.add_argument("--weights", help="pd_fpg.pth (default: random weights at the real size)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's own)")
     parser.add_argument("--only", nargs="+", metavar="STAGE", help="time only these stages (names as printed)")
+    parser.add_argument("--device", default="cpu", help="where the encoder and the alignment run (cpu, cuda)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -144,7 +149,7 @@ def main() -> None:
         args.frames = probe_video(args.video).frame_count
 
     state = load_state_dict(args.weights) if args.weights else random_fan_encoder_state_dict(seed=0)
-    bench = Bench(args.video, args.frames, args.batch_size, load_fan_encoder(state))
+    bench = Bench(args.video, args.frames, args.batch_size, load_fan_encoder(state).to(args.device))
     stages = {
         "decoding": bench.decode,
         "detection": bench.detect,
@@ -172,7 +177,7 @@ def main() -> None:
 
     fps = {key: args.frames / statistics.median(values) for key, values in seconds.items()}
     print(f"{args.video.name}, {args.frames} frames, batch {args.batch_size}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats} runs (frames/s)")
+          f"{args.device}, median of {args.repeats} runs (frames/s)")
     print(f"{'stage':42s} {'batched':>9s} {'per frame':>10s} {'ratio':>7s}")
     for name in stages:
         batched, single = fps[(name, False)], fps[(name, True)]

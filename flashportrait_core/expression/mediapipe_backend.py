@@ -216,6 +216,11 @@ class MediaPipeFaceBackend:
             return None
         landmarks = self._chosen_mesh_face(self._tracking_mesh, frame, self._followed)
         self._tracking_followed = landmarks is not None
+        if landmarks is None:
+            # The several-face mesh last saw a frame from before the take-over: start it afresh, so that it
+            # looks from a detection rather than from that old position.
+            self._frame_mesh.close()
+            self._frame_mesh = self._new_mesh(self._max_faces)
         return landmarks
 
     def _hand_over(self, frame: np.ndarray, landmarks: np.ndarray) -> None:
