@@ -3,9 +3,8 @@
 A checkpoint holds everything the window loop carries from one denoising step to the next: the latents after
 k completed steps, the Adams solvers' last blended velocities (``StepHistory``) and, with Adaptive Latent
 Prediction, every window's forecast history (``ALPWindowState``) plus whatever else the caller's velocity
-remembers (``extra``). Every later step is a deterministic function
-of exactly that state, so restoring it and continuing from step k gives the bit-identical result of a run
-that never stopped.
+remembers (``extra``). Every later step is a deterministic function of exactly that state, so restoring it and
+continuing from step k gives the bit-identical result of a run that never stopped.
 
 The file is a torch zip archive of tensors and plain Python values only, so it loads with
 ``weights_only=True``. It is written under a temporary name and renamed over the final one (atomic on POSIX
