@@ -85,3 +85,21 @@ def comfy_server(comfyui_dir: Path, tiny_models_dir: Path, tmp_path_factory: pyt
 def comfy_object_info(comfy_server) -> dict:
     """The server's ``/object_info`` (every node definition), fetched once."""
     return comfy_client.object_info(comfy_server.url)
+
+
+@pytest.fixture()
+def hide_module(monkeypatch: pytest.MonkeyPatch):
+    """``hide_module(name)`` makes ``import name`` (and its submodules) fail as if the package were not installed,
+    for the rest of the test."""
+    import builtins
+
+    hidden: set[str] = set()
+    real_import = builtins.__import__
+
+    def guarded_import(name: str, *args: object, **kwargs: object) -> object:
+        if name.split(".")[0] in hidden:
+            raise ModuleNotFoundError(f"No module named '{name}'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", guarded_import)
+    return hidden.add

@@ -6,7 +6,6 @@ the backend through onnxruntime on insightface-format files.
 
 from __future__ import annotations
 
-import builtins
 from pathlib import Path
 
 import numpy as np
@@ -38,15 +37,8 @@ def _pack(root: Path, pack: str, detector: str, under_models: bool = True) -> Pa
 
 
 @pytest.fixture()
-def without_onnxruntime(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_import = builtins.__import__
-
-    def refuse(name: str, *args: object, **kwargs: object) -> object:
-        if name == "onnxruntime" or name.startswith("onnxruntime."):
-            raise ModuleNotFoundError("No module named 'onnxruntime'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", refuse)
+def without_onnxruntime(hide_module) -> None:
+    hide_module("onnxruntime")
 
 
 @pytest.fixture()

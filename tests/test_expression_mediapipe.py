@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -183,15 +182,8 @@ def test_rejects_bad_frames(backend: MediaPipeFaceBackend) -> None:
         backend.detect(np.zeros((64, 64, 3), dtype=np.uint8))
 
 
-def test_missing_mediapipe_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_import = builtins.__import__
-
-    def without_mediapipe(name: str, *args: object, **kwargs: object) -> object:
-        if name == "mediapipe" or name.startswith("mediapipe."):
-            raise ModuleNotFoundError("No module named 'mediapipe'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", without_mediapipe)
+def test_missing_mediapipe_says_how_to_install(hide_module) -> None:
+    hide_module("mediapipe")
     with pytest.raises(ImportError, match=r"pip install mediapipe==0\.10\.21.*numpy<2") as raised:
         import_mediapipe()
     assert isinstance(raised.value, MediaPipeUnavailableError)

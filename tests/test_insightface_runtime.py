@@ -133,18 +133,9 @@ def test_extraction_runs_on_the_insightface_backend(tmp_path: Path) -> None:
 
 
 def test_without_onnx_the_detector_runs_and_the_report_says_why_there_are_no_landmarks(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, hide_module) -> None:
     detector = _pack(tmp_path, [FACE], landmark_bias=np.zeros(212))
-    import builtins
-
-    real_import = builtins.__import__
-
-    def refuse_onnx(name: str, *args: object, **kwargs: object) -> object:
-        if name == "onnx" or name.startswith("onnx."):
-            raise ModuleNotFoundError("No module named 'onnx'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", refuse_onnx)
+    hide_module("onnx")
     note = "insightface (buffalo_l/det_10g.onnx; 2d106det.onnx not read: pip install onnx)"
     assert resolve_face_backend("insightface", [tmp_path]).description == note
     with InsightFaceBackend(detector) as backend:
