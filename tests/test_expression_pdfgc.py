@@ -244,3 +244,50 @@ def test_cpu_forward_runs_on_an_encoder_loaded_in_inference_mode(random_state_di
         features = expression_features(encoder, real_crops[:2])
     expected = expression_features(load_fan_encoder(random_state_dict), real_crops[:2])
     torch.testing.assert_close(features, expected, rtol=0, atol=0)
+
+
+def _tf32_settings() -> tuple[bool, bool]:
+    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+
+@pytest.mark.parametrize("cpu_forward", [True, False])
+def test_encoder_runs_without_tf32_and_leaves_the_settings_as_they_were(random_state_dict: dict[str, torch.Tensor],
+                                                                      six_crops: torch.Tensor,
+                                                                      cpu_forward: bool) -> None:
+    encoder = load_fan_encoder(random_state_dict)
+    seen: list[tuple[bool, bool]] = []
+    handle = encoder.model.conv1.register_forward_pre_hook(lambda module, args: seen.append(_tf32_settings()))
+    if cpu_forward:  # the CPU forward calls its convolutions without the modules: watch the call itself
+        from flashportrait_core.expression import pdfgc_cpu
+
+        original = pdfgc_cpu.cpu_expression_forward
+        pdfgc_cpu.cpu_expression_forward = lambda *args: (seen.append(_tf32_settings()), original(*args))[1]
+    saved = _tf32_settings()
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # as a host may set them
+    try:
+        expression_features(encoder, six_crops[:2], cpu_forward=cpu_forward)
+        assert _tf32_settings() == (True, True)  # restored
+        with pytest.raises(ValueError):
+            expression_features(encoder, six_crops[:, :, :100])
+        assert _tf32_settings() == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        handle.remove()
+        if cpu_forward:
+            pdfgc_cpu.cpu_expression_forward = original
+    assert seen and set(seen) == {(False, False)}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_features_on_a_gpu_match_the_published_forward(random_state_dict: dict[str, torch.Tensor],
+                                                       six_crops: torch.Tensor,
+                                                       published_features: torch.Tensor) -> None:
+    saved = _tf32_settings()
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # cuDNN's default
+    try:
+        features = expression_features(load_fan_encoder(random_state_dict).cuda(), six_crops.cuda()).cpu()
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    # TF32 convolutions moved them by 3.5e-3 (relative norm) on an H200; full float32 by float rounding only.
+    relative = ((features - published_features).abs().max() / published_features.abs().max()).item()
+    assert relative < 1e-4

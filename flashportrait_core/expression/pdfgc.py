@@ -7,8 +7,9 @@ driving frame. Parameter and buffer names follow the published checkpoint exactl
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -187,12 +188,28 @@ def use_channels_last(encoder: nn.Module) -> nn.Module:
 CPU_MICRO_BATCH = 4
 
 
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """TF32 off for cuDNN convolutions and CUDA matrix products inside the block; the settings are restored after.
+
+    cuDNN uses TF32 for float32 convolutions unless told otherwise: on an H200 that moved the PD-FGC features by
+    3.5e-3 (relative norm) from the exact ones, against 3e-6 with TF32 off (benchmarks/expression_devices.py).
+    The encoder is a small part of an extraction's time on a GPU, so it always runs in full float32.
+    """
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def expression_features(encoder: FanEncoder, crops: torch.Tensor, cpu_forward: bool = True) -> torch.Tensor:
     """Aligned crops [B, 3, 224, 224] in [-1, 1] -> features [B, 554] = headpose 6 | eye 6 | emo 30 | mouth 512.
 
     Runs in eval mode (BatchNorm running statistics) without autograd, in the encoder's device and dtype,
-    channels-last; on a CPU in micro-batches of CPU_MICRO_BATCH (each crop's features do not depend on the
-    others in eval mode). A float32 `FanEncoder` on the CPU runs the inference-only forward of `pdfgc_cpu`
+    channels-last, without TF32 (`full_float32`); on a CPU in micro-batches of CPU_MICRO_BATCH (each crop's
+    features do not depend on the others in eval mode). A float32 `FanEncoder` on the CPU runs the inference-only forward of `pdfgc_cpu`
     (same features up to float32 rounding, faster); `cpu_forward=False` runs the module's own forward instead.
     """
     _check_crops(crops)
@@ -212,7 +229,7 @@ def expression_features(encoder: FanEncoder, crops: torch.Tensor, cpu_forward: b
         use_channels_last(encoder)
     crops = crops.to(device=parameter.device, dtype=parameter.dtype).contiguous(memory_format=torch.channels_last)
     step = CPU_MICRO_BATCH if on_cpu else crops.shape[0]
-    with torch.inference_mode():
+    with torch.inference_mode(), full_float32():
         return torch.cat([forward(encoder, part) for part in crops.split(step)])
 
 
