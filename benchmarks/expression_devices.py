@@ -5,13 +5,12 @@ numeric settings; each result is compared with the encoder run in float64 on the
 float64 rounding), as the largest difference relative to the largest feature and as the relative norm:
 
 - the CPU forward as shipped (float32),
-- CUDA float32 with TF32 convolutions and matrix products (cuDNN's default, which the pack turns off),
-- CUDA float32 with TF32 off (as shipped),
+- CUDA float32 with TF32 convolutions and matrix products (what cuDNN does unless told otherwise),
+- CUDA float32 with TF32 off,
 - CUDA bfloat16 weights and crops.
 
-Then frames per second of the encoder alone on the GPU for each setting and batch size (after warm-up), and
-end to end (`extract_expression_features_from_video`, the two largest batch sizes) with the encoder on the GPU,
-decoding the next chunk ahead in a background thread or not, against the encoder on the CPU.
+Then frames per second of the encoder alone on the GPU for each setting and batch size (CUDA events, after
+warm-up), and end to end with the encoder on the GPU against end to end on the CPU.
 
     python benchmarks/expression_devices.py --video path/to/driving.mp4          # needs a CUDA device
     .venv/bin/python benchmarks/expression_devices.py --device cpu --crops 4     # the comparison alone, CPU
@@ -36,7 +35,6 @@ from flashportrait_core.checkpoints import load_state_dict  # noqa: E402
 from flashportrait_core.expression import (extract_expression_features_from_video, load_fan_encoder,  # noqa: E402
                                            random_fan_encoder_state_dict)
 from flashportrait_core.expression import extract as extract_module  # noqa: E402
-from flashportrait_core.expression import pdfgc  # noqa: E402
 from flashportrait_core.expression.alignment import similarity_to_template  # noqa: E402
 from flashportrait_core.expression.mediapipe_backend import MediaPipeFaceBackend  # noqa: E402
 from flashportrait_core.expression.pdfgc import expression_features  # noqa: E402
@@ -47,19 +45,13 @@ DEFAULT_VIDEO = REPO_ROOT / "../shared/data/driving/lp_d3.mp4"
 
 @contextlib.contextmanager
 def tf32(allowed: bool) -> Iterator[None]:
-    """TF32 for cuDNN convolutions and cuBLAS matrix products, restored afterwards.
-
-    `expression_features` turns TF32 off around the encoder (`pdfgc.full_float32`); while TF32 is allowed here
-    that guard is lifted, to measure what it prevents.
-    """
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, pdfgc.full_float32
+    """TF32 for cuDNN convolutions and cuBLAS matrix products, restored afterwards."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allowed
-    if allowed:
-        pdfgc.full_float32 = contextlib.nullcontext
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, pdfgc.full_float32 = saved
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def difference(features: torch.Tensor, exact: torch.Tensor) -> str:
@@ -133,16 +125,15 @@ def main() -> None:
         print(f"  {batch_size:10d} " + " ".join(f"{fps:18.1f}" for fps in row))
 
     backend = MediaPipeFaceBackend()
-    runs = {"GPU encoder, decoding ahead": (gpu, True), "GPU encoder, decoding in turn": (gpu, False),
-            "CPU encoder": (load_fan_encoder(state), False)}
-    for batch_size in args.batch_sizes[-2:]:
-        for name, (encoder, decode_ahead) in runs.items():
+    for batch_size in (16, 64):
+        for name, encoder in (("GPU encoder, TF32 off", gpu), ("CPU encoder", load_fan_encoder(state))):
             start = time.perf_counter()
-            result = extract_expression_features_from_video(args.video, encoder, backend, batch_size=batch_size,
-                                                            max_frames=args.frames or None, target_fps=0,
-                                                            decode_ahead=decode_ahead)
+            with tf32(False):
+                result = extract_expression_features_from_video(args.video, encoder, backend, batch_size=batch_size,
+                                                                max_frames=args.frames or None, target_fps=0)
             seconds = time.perf_counter() - start
             print(f"end to end, chunks of {batch_size}, {name}: {result.features.shape[0] / seconds:.1f} frames/s")
+
 
 if __name__ == "__main__":
     main()

@@ -101,12 +101,9 @@ class Bench:
             encode_default_layout(self.default_layout_encoder, crops)
 
     def end_to_end(self, per_frame: bool) -> None:
-        # The per-frame loop runs its stages in turn, as published; batched runs decode ahead where the pack
-        # does (an encoder off the CPU).
         result = extract_expression_features_from_video(self.video, self.encoder, self.backend,
                                                         batch_size=self._sizes(per_frame), smoothing=0.5,
-                                                        max_frames=self.frames, target_fps=0,
-                                                        decode_ahead=False if per_frame else None)
+                                                        max_frames=self.frames, target_fps=0)
         assert result.features.shape == (self.frames, FEATURE_DIM)
 
     def end_to_end_default_layout(self, per_frame: bool) -> None:

@@ -155,10 +155,8 @@ def test_resampled_frame_is_found_only_when_its_sources_are() -> None:
     assert converted.filled_frames == [1, 2]
 
 
-@pytest.mark.parametrize("decode_ahead", [False, True])
-def test_chunks_stay_bounded_on_a_long_video(backend, monkeypatch: pytest.MonkeyPatch, decode_ahead: bool) -> None:
-    """At most two decoded chunks are alive at once (three when decoding ahead), and the encoder never sees more
-    than a chunk of crops."""
+def test_chunks_stay_bounded_on_a_long_video(backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At most two decoded chunks are alive at once, and the encoder never sees more than a chunk of crops."""
     real_chunks = extract_module.iter_video_chunks
     most_alive = []
 
@@ -173,20 +171,9 @@ def test_chunks_stay_bounded_on_a_long_video(backend, monkeypatch: pytest.Monkey
     monkeypatch.setattr(extract_module, "iter_video_chunks", watched_chunks)
     encoder = CountingEncoder().eval()
     result = extract_expression_features_from_video(DRIVING / "lp_d6.mp4", encoder, backend, batch_size=8,
-                                                    max_frames=100, target_fps=0, decode_ahead=decode_ahead)
+                                                    max_frames=100, target_fps=0)
     assert result.features.shape == (100, 554)
     assert len(most_alive) == 2 * 13  # 100 frames in chunks of 8, decoded twice
-    assert max(most_alive) <= (3 if decode_ahead else 2)
+    assert max(most_alive) <= 2
     # Chunks of 8 crops; on the CPU the encoder runs them in micro-batches of 4.
     assert sum(encoder.batches) == 100 and max(encoder.batches) == 4
-
-
-def test_decoding_ahead_gives_the_same_expressions(backend) -> None:
-    encoder = CountingEncoder().eval()
-    kwargs = dict(batch_size=4, smoothing=0.5, max_frames=30, target_fps=25)
-    ahead = extract_expression_features_from_video(DRIVING / "lp_d11.mp4", encoder, backend, decode_ahead=True,
-                                                   **kwargs)
-    in_turn = extract_expression_features_from_video(DRIVING / "lp_d11.mp4", encoder, backend, decode_ahead=False,
-                                                     **kwargs)
-    assert torch.equal(ahead.features, in_turn.features) and torch.equal(ahead.points, in_turn.points)
-    assert ahead.report() == in_turn.report()

@@ -19,7 +19,7 @@ from .alignment import align_face_crops, cut_warp_regions, similarity_to_templat
 from .face_track import FaceBackend, FaceTrack
 from .pdfgc import FEATURE_DIM, FanEncoder, expression_features
 from .smoothing import face_sizes, settings_for_strength, smooth_sequence
-from .video import DEFAULT_FPS, iter_video_chunks, probe_video, read_ahead
+from .video import DEFAULT_FPS, iter_video_chunks, probe_video
 
 # Values a little outside [0, 1] (resampling overshoot) are clamped; beyond this the scale is wrong (e.g. 0-255).
 RANGE_TOLERANCE = 0.25
@@ -323,16 +323,12 @@ def extract_expression_features_from_video(
     target_fps: float | None = None,
     on_progress: ProgressCallback | None = None,
     should_stop: StopCallback | None = None,
-    decode_ahead: bool | None = None,
 ) -> ExpressionFeatures:
     """A driving video file -> ExpressionFeatures, decoding twice in chunks of `batch_size` (flat memory).
 
     fps and the frame count come from the container. `max_frames` keeps the first N frames of the file.
     `target_fps` (None or 0 = keep the video's rate) resamples the feature sequence to that rate (see
     `resample.resample_expressions`): the sequence then has one entry per output video frame at that rate.
-    `decode_ahead` decodes the next chunk in a background thread while detection and encoding run (`read_ahead`;
-    at most three chunks alive); None = when the encoder is not on the CPU, whose cores it would otherwise
-    take from the encoder. The results are the same either way.
     """
     from .resample import resample_expressions
 
@@ -344,12 +340,10 @@ def extract_expression_features_from_video(
         raise ValueError(f"target_fps must be a positive frame rate, or 0/None to keep the video's, got {target_fps}")
     info = probe_video(path)
     expected = info.frame_count if max_frames is None else min(max_frames, info.frame_count or max_frames)
-    if decode_ahead is None:
-        decode_ahead = encoder_device(encoder).type != "cpu"
 
     def passes() -> Iterator[torch.Tensor]:
-        chunks = (torch.from_numpy(chunk) for chunk in iter_video_chunks(info.path, batch_size, max_frames))
-        return read_ahead(chunks) if decode_ahead else chunks
+        for chunk in iter_video_chunks(info.path, batch_size, max_frames):
+            yield torch.from_numpy(chunk)
 
     stable, features = _run(passes, expected, encoder, backend, info.fps, smoothing, on_progress, should_stop)
     result = _result(stable, features, info.fps, smoothing, (info.height, info.width))

@@ -7,19 +7,14 @@ kept at the size of the first frame, so every chunk of one video has the same sh
 from __future__ import annotations
 
 import os
-import queue
-import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TypeVar
 
 import numpy as np
 import torch
 
 DEFAULT_FPS = 25.0
-
-Item = TypeVar("Item")
 
 
 class VideoReadError(ValueError):
@@ -167,57 +162,6 @@ def iter_video_chunks(path: str | os.PathLike[str], chunk_size: int,
         container.close()
     if decoded == 0:
         raise VideoReadError(f"{path!r} contains no video frames")
-
-
-def read_ahead(items: Iterable[Item], depth: int = 1) -> Iterator[Item]:
-    """Yield `items` in order while a background thread produces up to `depth` of them ahead.
-
-    Decoding then overlaps whatever the caller does with each chunk: worth it where that work leaves CPU cores
-    idle (an encoder on a GPU), not where it already keeps them all busy. At most `depth + 2` items are alive at
-    once (the caller's, `depth` waiting, one being made). An error in the producer is raised here, after the
-    items before it; closing this generator (or leaving it early) stops the producer and closes `items`.
-    """
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
-    waiting: queue.Queue[tuple[str, object]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def hand_over(kind: str, value: object) -> bool:
-        while not stop.is_set():
-            try:
-                waiting.put((kind, value), timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        source = iter(items)
-        try:
-            for item in source:
-                if not hand_over("item", item):
-                    return
-            hand_over("end", None)
-        except BaseException as error:  # noqa: BLE001  (re-raised in the caller's thread)
-            hand_over("error", error)
-        finally:
-            close = getattr(source, "close", None)
-            if close is not None:
-                close()
-
-    producer = threading.Thread(target=produce, name="flashportrait-read-ahead", daemon=True)
-    producer.start()
-    try:
-        while True:
-            kind, value = waiting.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value  # type: ignore[misc]
-            yield value  # type: ignore[misc]
-    finally:
-        stop.set()
-        producer.join()
 
 
 def read_video_frames(path: str | os.PathLike[str], max_frames: int | None = None) -> tuple[torch.Tensor, float]:
