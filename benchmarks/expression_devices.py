@@ -5,12 +5,13 @@ numeric settings; each result is compared with the encoder run in float64 on the
 float64 rounding), as the largest difference relative to the largest feature and as the relative norm:
 
 - the CPU forward as shipped (float32),
-- CUDA float32 with TF32 convolutions and matrix products (what cuDNN does unless told otherwise),
-- CUDA float32 with TF32 off,
+- CUDA float32 with TF32 convolutions and matrix products (cuDNN's default, which the pack turns off),
+- CUDA float32 with TF32 off (as shipped),
 - CUDA bfloat16 weights and crops.
 
-Then frames per second of the encoder alone on the GPU for each setting and batch size (CUDA events, after
-warm-up), and end to end with the encoder on the GPU against end to end on the CPU.
+Then frames per second of the encoder alone on the GPU for each setting and batch size (after warm-up), and
+end to end (`extract_expression_features_from_video`, chunks of 16 and 64) with the encoder on the GPU against
+the encoder on the CPU.
 
     python benchmarks/expression_devices.py --video path/to/driving.mp4          # needs a CUDA device
     .venv/bin/python benchmarks/expression_devices.py --device cpu --crops 4     # the comparison alone, CPU
@@ -35,6 +36,7 @@ from flashportrait_core.checkpoints import load_state_dict  # noqa: E402
 from flashportrait_core.expression import (extract_expression_features_from_video, load_fan_encoder,  # noqa: E402
                                            random_fan_encoder_state_dict)
 from flashportrait_core.expression import extract as extract_module  # noqa: E402
+from flashportrait_core.expression import pdfgc  # noqa: E402
 from flashportrait_core.expression.alignment import similarity_to_template  # noqa: E402
 from flashportrait_core.expression.mediapipe_backend import MediaPipeFaceBackend  # noqa: E402
 from flashportrait_core.expression.pdfgc import expression_features  # noqa: E402
@@ -45,13 +47,19 @@ DEFAULT_VIDEO = REPO_ROOT / "../shared/data/driving/lp_d3.mp4"
 
 @contextlib.contextmanager
 def tf32(allowed: bool) -> Iterator[None]:
-    """TF32 for cuDNN convolutions and cuBLAS matrix products, restored afterwards."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    """TF32 for cuDNN convolutions and cuBLAS matrix products, restored afterwards.
+
+    `expression_features` turns TF32 off around the encoder (`pdfgc.full_float32`); while TF32 is allowed here
+    that guard is lifted, to measure what it prevents.
+    """
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, pdfgc.full_float32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allowed
+    if allowed:
+        pdfgc.full_float32 = contextlib.nullcontext
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, pdfgc.full_float32 = saved
 
 
 def difference(features: torch.Tensor, exact: torch.Tensor) -> str:
@@ -101,7 +109,8 @@ def main() -> None:
     exact_encoder = load_fan_encoder(state).double()
     exact = torch.cat([expression_features(exact_encoder, part) for part in sample.double().split(8)])
     print(f"{args.video.name}: {crops.shape[0]} aligned crops; differences from the float64 encoder on {len(sample)}")
-    print(f"  CPU, float32, as shipped:          {difference(expression_features(load_fan_encoder(state), sample), exact)}")
+    shipped = expression_features(load_fan_encoder(state), sample)
+    print(f"  {'cpu, float32 (as shipped):':33s} {difference(shipped, exact)}")
     if args.device == "cpu":
         return
 
@@ -111,7 +120,7 @@ def main() -> None:
     for name, (encoder, allowed) in settings.items():
         with tf32(allowed):
             features = expression_features(encoder, sample.to(args.device))
-        print(f"  {args.device}, {name + ':':27s} {difference(features, exact)}")
+        print(f"  {args.device + ', ' + name + ':':33s} {difference(features, exact)}")
 
     print(f"encoder alone on {torch.cuda.get_device_name()}, frames/s (median of {args.repeats}), "
           f"{crops.shape[0]} crops")
@@ -126,11 +135,10 @@ def main() -> None:
 
     backend = MediaPipeFaceBackend()
     for batch_size in (16, 64):
-        for name, encoder in (("GPU encoder, TF32 off", gpu), ("CPU encoder", load_fan_encoder(state))):
+        for name, encoder in (("GPU encoder", gpu), ("CPU encoder", load_fan_encoder(state))):
             start = time.perf_counter()
-            with tf32(False):
-                result = extract_expression_features_from_video(args.video, encoder, backend, batch_size=batch_size,
-                                                                max_frames=args.frames or None, target_fps=0)
+            result = extract_expression_features_from_video(args.video, encoder, backend, batch_size=batch_size,
+                                                            max_frames=args.frames or None, target_fps=0)
             seconds = time.perf_counter() - start
             print(f"end to end, chunks of {batch_size}, {name}: {result.features.shape[0] / seconds:.1f} frames/s")
 
