@@ -72,7 +72,8 @@ class FlashPortraitExtractExpressions(io.ComfyNode):
                                                          "+ Get Video Components)."),
                 types.ExpressionModel.Input("expression_model", tooltip="From FlashPortrait Expression Model Loader."),
                 io.Int.Input("batch_size", default=16, min=1, max=256,
-                             tooltip="Faces encoded together; lower it if memory runs short."),
+                             tooltip="Faces encoded together; lower it if memory runs short. On a GPU larger "
+                                     "batches run faster (64: 1.1x end to end on an H200)."),
                 io.Int.Input("max_frames", default=0, min=0, max=1_000_000,
                              tooltip="Use only the first N driving frames (0 = all), e.g. for a quick "
                                      "preview of a long video."),
@@ -149,7 +150,8 @@ class FlashPortraitExtractExpressionsFromVideo(io.ComfyNode):
                                        "path is given below."),
                 types.ExpressionModel.Input("expression_model", tooltip="From FlashPortrait Expression Model Loader."),
                 io.Int.Input("batch_size", default=16, min=1, max=256,
-                             tooltip="Frames decoded and faces encoded together; lower it if memory runs short."),
+                             tooltip="Frames decoded and faces encoded together; lower it if memory runs short. "
+                                     "On a GPU larger batches run faster (64: 1.1x end to end on an H200)."),
                 io.Int.Input("max_frames", default=0, min=0, max=1_000_000,
                              tooltip="Use only the first N frames of the video (0 = all)."),
                 smoothing_input(),
