@@ -250,44 +250,54 @@ def _tf32_settings() -> tuple[bool, bool]:
     return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
 
 
+@pytest.fixture
+def set_tf32():
+    """Sets the process's TF32 settings as a host might (convolutions, matrix products); restores them after."""
+    saved = _tf32_settings()
+
+    def set_to(convolutions: bool, matmul: bool) -> None:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = convolutions, matmul
+
+    yield set_to
+    set_to(*saved)
+
+
 @pytest.mark.parametrize("cpu_forward", [True, False])
 def test_encoder_runs_without_tf32_and_leaves_the_settings_as_they_were(random_state_dict: dict[str, torch.Tensor],
-                                                                      six_crops: torch.Tensor,
-                                                                      cpu_forward: bool) -> None:
+                                                                      six_crops: torch.Tensor, cpu_forward: bool,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      set_tf32) -> None:
+    from flashportrait_core.expression import pdfgc_cpu
+
     encoder = load_fan_encoder(random_state_dict)
     seen: list[tuple[bool, bool]] = []
-    handle = encoder.model.conv1.register_forward_pre_hook(lambda module, args: seen.append(_tf32_settings()))
-    if cpu_forward:  # the CPU forward calls its convolutions without the modules: watch the call itself
-        from flashportrait_core.expression import pdfgc_cpu
+    encoder.model.conv1.register_forward_pre_hook(lambda module, args: seen.append(_tf32_settings()))
+    # The CPU forward runs its convolutions without the modules: watch the call itself.
+    original = pdfgc_cpu.cpu_expression_forward
+    monkeypatch.setattr(pdfgc_cpu, "cpu_expression_forward",
+                        lambda *args: (seen.append(_tf32_settings()), original(*args))[1])
+    set_tf32(True, True)
+    expression_features(encoder, six_crops[:2], cpu_forward=cpu_forward)
+    assert len(seen) == 1 and seen[0] == (False, False)
+    assert _tf32_settings() == (True, True)
 
-        original = pdfgc_cpu.cpu_expression_forward
-        pdfgc_cpu.cpu_expression_forward = lambda *args: (seen.append(_tf32_settings()), original(*args))[1]
-    saved = _tf32_settings()
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # as a host may set them
-    try:
-        expression_features(encoder, six_crops[:2], cpu_forward=cpu_forward)
-        assert _tf32_settings() == (True, True)  # restored
-        with pytest.raises(ValueError):
-            expression_features(encoder, six_crops[:, :, :100])
-        assert _tf32_settings() == (True, True)
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-        handle.remove()
-        if cpu_forward:
-            pdfgc_cpu.cpu_expression_forward = original
-    assert seen and set(seen) == {(False, False)}
+
+def test_tf32_settings_are_restored_after_an_error(set_tf32) -> None:
+    from flashportrait_core.expression.pdfgc import full_float32
+
+    set_tf32(True, False)
+    with pytest.raises(RuntimeError, match="out of memory"), full_float32():
+        assert _tf32_settings() == (False, False)
+        raise RuntimeError("CUDA out of memory")
+    assert _tf32_settings() == (True, False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_features_on_a_gpu_match_the_published_forward(random_state_dict: dict[str, torch.Tensor],
-                                                       six_crops: torch.Tensor,
-                                                       published_features: torch.Tensor) -> None:
-    saved = _tf32_settings()
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # cuDNN's default
-    try:
-        features = expression_features(load_fan_encoder(random_state_dict).cuda(), six_crops.cuda()).cpu()
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+                                                       six_crops: torch.Tensor, published_features: torch.Tensor,
+                                                       set_tf32) -> None:
+    set_tf32(True, True)  # cuDNN's default for convolutions
+    features = expression_features(load_fan_encoder(random_state_dict).cuda(), six_crops.cuda()).cpu()
     # TF32 convolutions moved them by 3.5e-3 (relative norm) on an H200; full float32 by float rounding only.
     relative = ((features - published_features).abs().max() / published_features.abs().max()).item()
     assert relative < 1e-4

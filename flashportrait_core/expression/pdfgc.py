@@ -209,8 +209,9 @@ def expression_features(encoder: FanEncoder, crops: torch.Tensor, cpu_forward: b
 
     Runs in eval mode (BatchNorm running statistics) without autograd, in the encoder's device and dtype,
     channels-last, without TF32 (`full_float32`); on a CPU in micro-batches of CPU_MICRO_BATCH (each crop's
-    features do not depend on the others in eval mode). A float32 `FanEncoder` on the CPU runs the inference-only forward of `pdfgc_cpu`
-    (same features up to float32 rounding, faster); `cpu_forward=False` runs the module's own forward instead.
+    features do not depend on the others in eval mode). A float32 `FanEncoder` on the CPU runs the
+    inference-only forward of `pdfgc_cpu` (same features up to float32 rounding, faster); `cpu_forward=False`
+    runs the module's own forward instead.
     """
     _check_crops(crops)
     if encoder.training:
