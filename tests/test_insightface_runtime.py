@@ -87,6 +87,9 @@ def test_landmarks_land_where_the_model_puts_them_in_its_crop(tmp_path: Path) ->
     np.testing.assert_allclose(track.landmarks[1], track.landmarks[0])
     assert resolve_face_backend("auto", [tmp_path]).description == \
         "insightface (buffalo_l/det_10g.onnx + 2d106det.onnx), chosen by auto"
+    with InsightFaceBackend(detector, landmarks=False) as detector_only:
+        assert detector_only.description == "insightface (buffalo_l/det_10g.onnx)"
+        assert detector_only.detect(frame[None]).landmarks is None
 
 
 def test_landmark_input_is_normalised_once_whichever_side_does_it(tmp_path: Path) -> None:

@@ -121,17 +121,17 @@ def onnx_installed() -> bool:
     return True
 
 
-def pack_files(detector: str | os.PathLike[str]) -> str:
+def pack_files(detector: str | os.PathLike[str], landmarks: bool = True) -> str:
     """The pack's files the backend reads, for the user: `buffalo_l/det_10g.onnx + 2d106det.onnx`, or a note
-    when the landmark model is there but cannot be read."""
+    when the landmark model is there but cannot be read. `landmarks=False`: the detector alone is read."""
     detector = Path(detector)
-    landmarks = find_landmark_model(detector)
     named = f"{detector.parent.name}/{detector.name}"
-    if landmarks is None:
+    landmarks_path = find_landmark_model(detector) if landmarks else None
+    if landmarks_path is None:
         return named
     if not onnx_installed():
-        return f"{named}; {landmarks.name} not read: pip install onnx"
-    return f"{named} + {landmarks.name}"
+        return f"{named}; {landmarks_path.name} not read: pip install onnx"
+    return f"{named} + {landmarks_path.name}"
 
 
 def input_normalisation(model_path: str | os.PathLike[str]) -> tuple[float, float]:
@@ -285,7 +285,7 @@ class InsightFaceBackend:
         # The 106 landmarks only feed the preview: without the onnx package the detector runs alone.
         landmark_path = find_landmark_model(self.detector_path) if landmarks and onnx_installed() else None
         self._landmarks = LandmarkModel(landmark_path, chosen) if landmark_path is not None else None
-        self.description = f"insightface ({pack_files(self.detector_path)})"
+        self.description = f"insightface ({pack_files(self.detector_path, landmarks)})"
 
     def __enter__(self) -> InsightFaceBackend:
         return self
