@@ -26,8 +26,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from alp_testbed import SHIFT, Case, MixtureVelocity, load_face_frames  # noqa: E402
-from flashportrait_core.sampling import flow_sigmas  # noqa: E402
-from flashportrait_core.solvers import sample_adams, sample_euler, sample_unipc  # noqa: E402
+from flashportrait_core.sampling.schedules import simple_sigmas  # noqa: E402
+from flashportrait_core.sampling.solvers import sample_adams, sample_euler, sample_unipc  # noqa: E402
 
 SOLVERS = {
     "euler": lambda v, x, grid: sample_euler(v, x, grid),
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     print(f"PSNR (dB) of N-step solvers, shift {SHIFT:g}, seeds 0..{args.seeds - 1}: vs converged / vs 30-step Euler")
     print(f"{'steps':>5}  " + "  ".join(f"{name:>15}" for name in SOLVERS))
     for steps in args.steps:
-        grid = flow_sigmas(steps, SHIFT)
+        grid = simple_sigmas(steps, SHIFT)
         cells = []
         for name, solve in SOLVERS.items():
             vs_full, vs_conv, evals, _ = case.score(lambda x, solve=solve: (solve(velocity, x, grid), steps))

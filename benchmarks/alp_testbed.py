@@ -30,9 +30,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from flashportrait_core.alp import ALPConfig, config_for_speedup, preset, sample_alp  # noqa: E402
-from flashportrait_core.sampling import flow_sigmas  # noqa: E402
-from flashportrait_core.solvers import sample_adams, sample_euler, sample_unipc  # noqa: E402
+from flashportrait_core.sampling.alp import ALPConfig, config_for_speedup, preset, sample_alp  # noqa: E402
+from flashportrait_core.sampling.schedules import simple_sigmas  # noqa: E402
+from flashportrait_core.sampling.solvers import sample_adams, sample_euler, sample_unipc  # noqa: E402
 
 DRIVING_DIR = REPO / ".." / "shared" / "data" / "driving"
 OUT_DIR = REPO / "benchmarks" / "out"
@@ -232,11 +232,11 @@ class Case:
         self.velocity = velocity
         self.seeds = tuple(seeds)
         self.noise = seed_noise(self.seeds)
-        self.full_grid = flow_sigmas(FULL_STEPS, SHIFT)
+        self.full_grid = simple_sigmas(FULL_STEPS, SHIFT)
         # References in one batch (the velocity treats batch rows independently).
         batch = torch.cat(self.noise)
         self.full = list(sample_euler(velocity, batch, self.full_grid).split(1))
-        self.converged = list(sample_euler(velocity, batch, flow_sigmas(CONVERGED_STEPS, SHIFT)).split(1))
+        self.converged = list(sample_euler(velocity, batch, simple_sigmas(CONVERGED_STEPS, SHIFT)).split(1))
 
     def score(self, method: Callable[[torch.Tensor], tuple[torch.Tensor, int]]) -> tuple[float, float, float, int]:
         """Mean PSNR vs full, vs converged, mean and max evaluations (counted by the velocity)."""
@@ -267,8 +267,8 @@ def methods_for_budget(budget: int, tuning: Case) -> dict[str, tuple[Callable, s
     """Every method at ``budget``; tunable ones tuned on ``tuning``. name -> (method, settings)."""
     grid = tuning.full_grid
     steps = FULL_STEPS
-    coarse = flow_sigmas(budget, SHIFT)
-    unshifted = flow_sigmas(budget, 1.0)
+    coarse = simple_sigmas(budget, SHIFT)
+    unshifted = simple_sigmas(budget, 1.0)
     methods: dict[str, tuple[Callable, str]] = {
         "Euler (own grid)": (lambda x: (sample_euler(tuning.velocity, x, coarse), budget), f"{budget} steps, shift {SHIFT:g}"),
         "Adams-2 (own grid)": (lambda x: (sample_adams(tuning.velocity, x, coarse, 2), budget), "k-diffusion LMS weights"),

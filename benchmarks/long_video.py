@@ -123,7 +123,7 @@ def latent_memory_mb(height: int, width: int, latent_frames: int, window: int, o
     come on top. Host: noise + latents + blend accumulator + the Euler update's two temporaries (5 full
     latents), plus ALP's per-window state (order + 2 window latents and the probed block outputs). Device: the
     window's latents and its velocity, plus ALP's state of the window being sampled."""
-    from flashportrait_core.windows import plan_windows
+    from flashportrait_core.sampling.windows import plan_windows
 
     frame = 16 * (height // 8) * (width // 8) * 4
     full, one_window = frame * latent_frames, frame * min(window, latent_frames)
@@ -159,12 +159,13 @@ def memory_check(height: int = 256, width: int = 256, latent_frames: int = 376, 
 
     import torch
 
-    from flashportrait_core.sampling import flow_sigmas, sample_flow_windows
-    from flashportrait_core.windows import plan_windows
+    from flashportrait_core.sampling.loop import sample_flow_windows
+from flashportrait_core.sampling.schedules import simple_sigmas
+    from flashportrait_core.sampling.windows import plan_windows
 
     torch.set_num_threads(1)
     plan = plan_windows(latent_frames, window, overlap)
-    sigmas = flow_sigmas(3, 5.0)
+    sigmas = simple_sigmas(3, 5.0)
     warm = torch.zeros(1, 16, window, height // 8, width // 8)  # allocator and kernels warmed up, then freed
     sample_flow_windows(warm, sigmas, plan_windows(window, window, 0), lambda x, s, k, i: x * 0.5)
     del warm

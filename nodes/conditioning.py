@@ -9,8 +9,8 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..flashportrait_core.conditioning_file import load_conditioning_file, save_conditioning_file
-from ..flashportrait_core.emotion_conditioning import build_emotion_conditioning
+from ..flashportrait_core.conditioning.prompt_file import load_conditioning_file, save_conditioning_file
+from ..flashportrait_core.conditioning.emotion_conditioning import build_emotion_conditioning
 from ..flashportrait_core.validation import check_expression_features, trim_note
 from . import types
 from .model_folders import CONDITIONING_FOLDER, model_file

@@ -13,7 +13,7 @@ from ..flashportrait_core.checkpoints import (CheckpointError, load_state_dict, 
                                               preferred_checkpoint)
 from ..flashportrait_core.expression.backends import BACKEND_CHOICES, FaceBackendChoice, resolve_face_backend
 from ..flashportrait_core.expression.pdfgc import load_fan_encoder
-from ..flashportrait_core.portrait_encoder import load_portrait_encoder
+from ..flashportrait_core.conditioning.portrait_encoder import load_portrait_encoder
 from . import types
 from .model_folders import WEIGHTS_FOLDER, model_file
 from .wan_patch import attach_emotion_projections, patch_emotion_blocks

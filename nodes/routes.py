@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from ..flashportrait_core.emotion_tokens import num_latent_frames, trim_to_4k_plus_1
-from ..flashportrait_core.windows import plan_windows
+from ..flashportrait_core.conditioning.emotion_tokens import num_latent_frames, trim_to_4k_plus_1
+from ..flashportrait_core.sampling.windows import plan_windows
 
 WINDOW_PLAN_ROUTE = "/flashportrait/window_plan"
 MAX_PREVIEW_FRAMES = 1_000_000  # far beyond any video; keeps a typo from building a huge plan

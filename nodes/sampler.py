@@ -9,10 +9,10 @@ from comfy_api.latest import io
 from ..flashportrait_core.expression.backends import FaceBackendChoice, FaceBackendUnavailableError, \
     resolve_face_backend
 from ..flashportrait_core.expression.reference_check import reference_face_note
-from ..flashportrait_core.schedules import ACCELERATIONS, FOUR_STEP_LORA, resolve_sampling
-from ..flashportrait_core.solvers import STEP_SOLVERS
+from ..flashportrait_core.sampling.choice import ACCELERATIONS, FOUR_STEP_LORA, resolve_sampling
+from ..flashportrait_core.sampling.solvers import STEP_SOLVERS
 from ..flashportrait_core.validation import check_sampler_inputs, size_note, window_note
-from ..flashportrait_core.windows import plan_windows
+from ..flashportrait_core.sampling.windows import plan_windows
 from . import types
 from .loaders import insightface_roots
 from .report_ui import sampler_ui

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from comfy.ldm.modules.attention import optimized_attention
 
-from ..flashportrait_core.nfeb import add_normalized_emotion, frame_local_attention
+from ..flashportrait_core.conditioning.nfeb import add_normalized_emotion, frame_local_attention
 
 # Keys in ``transformer_options``: a pass's emotion conditioning, and a probe asking for block outputs.
 EMOTION_OPTIONS_KEY = "flashportrait_emotion"

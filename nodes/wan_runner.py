@@ -14,14 +14,14 @@ import comfy.utils
 import folder_paths
 import torch
 
-from ..flashportrait_core.alp import (ALPConfig, ALPWindowState, alp_step, block_change_magnitudes,
+from ..flashportrait_core.sampling.alp import (ALPConfig, ALPWindowState, alp_step, block_change_magnitudes,
                                       new_window_state, report_lines)
-from ..flashportrait_core.emotion_conditioning import EmotionConditioning
-from ..flashportrait_core.guidance import combine_guidance, guidance_passes
-from ..flashportrait_core.resume import (checkpoint_path, move_window_state, resume_key,
+from ..flashportrait_core.conditioning.emotion_conditioning import EmotionConditioning
+from ..flashportrait_core.sampling.guidance import combine_guidance, guidance_passes
+from ..flashportrait_core.sampling.resume import (checkpoint_path, move_window_state, resume_key,
                                          sample_flow_windows_resumable)
-from ..flashportrait_core.sampling import flow_sigmas
-from ..flashportrait_core.windows import WindowPlan
+from ..flashportrait_core.sampling.schedules import published_sigmas
+from ..flashportrait_core.sampling.windows import WindowPlan
 from .wan_patch import BLOCK_PROBE_KEY, EMOTION_OPTIONS_KEY, BlockProbe, EmotionPass
 
 SIDE_MULTIPLE = 16  # the VAE halves 8x and the DiT patches 2x2
@@ -267,7 +267,7 @@ def run_flashportrait_sampling(model_patcher, vae, positive: torch.Tensor, negat
                                solver: str = "euler") -> tuple[torch.Tensor, SamplingReport]:
     """Sample all latent frames window by window; returns latents in VAE space [1, 16, L, h, w] and a report.
 
-    ``sigmas`` replaces the standard ``flow_sigmas(steps, shift)`` grid (``steps`` must then be
+    ``sigmas`` replaces the published ``published_sigmas(steps, shift)`` grid (``steps`` must then be
     ``len(sigmas) - 1``); ``solver`` is the window loop's step update (``solvers.STEP_SOLVERS``).
 
     On out-of-memory, what the run allocated is released (the failed frames' tensors included) and
@@ -300,7 +300,7 @@ def _sample_all_windows(model_patcher, vae, positive: torch.Tensor, negative: to
     progress = comfy.utils.ProgressBar(steps * len(plan.windows))
     velocity = GuidedWanVelocity(model_patcher, positive, negative, clip_vision_output, concat_latent,
                                  concat_mask, emotion, plan, report, progress)
-    sigmas = flow_sigmas(steps, shift) if sigmas is None else sigmas
+    sigmas = published_sigmas(steps, shift) if sigmas is None else sigmas
     if alp is not None and alp.enabled:
         velocity = AcceleratedVelocity(velocity, sigmas, alp, len(model_patcher.model.diffusion_model.blocks))
     generator = torch.Generator("cpu").manual_seed(seed)

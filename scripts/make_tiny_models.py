@@ -32,9 +32,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
-from flashportrait_core.conditioning_file import save_conditioning_file  # noqa: E402
+from flashportrait_core.conditioning.prompt_file import save_conditioning_file  # noqa: E402
 from flashportrait_core.expression.pdfgc import random_fan_encoder_state_dict  # noqa: E402
-from flashportrait_core.portrait_encoder import random_portrait_encoder_state_dict  # noqa: E402
+from flashportrait_core.conditioning.portrait_encoder import random_portrait_encoder_state_dict  # noqa: E402
 from inprocess_host import use_host_in_process  # noqa: E402
 
 # Widths of the tiny models. ComfyUI derives the head count as dim // 128, so 128 is the narrowest DiT.

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from flashportrait_core.alp import (
+from flashportrait_core.sampling.alp import (
     PRESETS,
     ALPConfig,
     alp_step,
@@ -24,8 +24,8 @@ from flashportrait_core.alp import (
     should_compute,
     step_budget,
 )
-from flashportrait_core.sampling import flow_sigmas
-from flashportrait_core.solvers import sample_euler
+from flashportrait_core.sampling.schedules import simple_sigmas
+from flashportrait_core.sampling.solvers import sample_euler
 
 DRIVING = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "driving"
 NEVER = math.inf  # a tolerance or trust that never forces a computed step
@@ -98,7 +98,7 @@ def random_coefficients(degree: int, seed: int = 0) -> list[torch.Tensor]:
 def test_forecast_reproduces_polynomial_trajectories_at_matching_order(degree, integration):
     coefficients = random_coefficients(degree, seed=degree)
     velocity = polynomial_velocity(coefficients)
-    sigmas = flow_sigmas(30, 5.0)
+    sigmas = simple_sigmas(30, 5.0)
     grid = [float(s) for s in sigmas]
     state = new_window_state(sigmas, ALPConfig(max_order=degree, integration=integration))
     x = torch.zeros_like(coefficients[0])
@@ -121,7 +121,7 @@ def test_forecast_reproduces_polynomial_trajectories_at_matching_order(degree, i
 def test_one_order_too_low_is_not_exact(degree):
     coefficients = random_coefficients(degree, seed=10 + degree)
     velocity = polynomial_velocity(coefficients)
-    sigmas = flow_sigmas(30, 5.0)
+    sigmas = simple_sigmas(30, 5.0)
     grid = [float(s) for s in sigmas]
     state = new_window_state(sigmas, ALPConfig(max_order=degree - 1))
     x = torch.zeros_like(coefficients[0])
@@ -135,7 +135,7 @@ def test_whole_run_on_polynomial_trajectory_matches_exact_integration():
     degree = 2
     coefficients = random_coefficients(degree, seed=7)
     counting = CountingVelocity(polynomial_velocity(coefficients))
-    sigmas = flow_sigmas(30, 5.0)
+    sigmas = simple_sigmas(30, 5.0)
     grid = [float(s) for s in sigmas]
     config = ALPConfig(max_order=degree, warmup_steps=3, final_steps=1, first_trust=NEVER, error_tolerance=NEVER)
     x0 = torch.zeros_like(coefficients[0])
@@ -162,7 +162,7 @@ def noise_for(seed: int, shape=(1, 3, 16, 16)) -> torch.Tensor:
 @pytest.mark.parametrize("name", ["quality", "balanced", "fast"])
 def test_skipped_steps_make_no_model_call_and_counts_match_the_wrapper(face_means, name):
     counting = CountingVelocity(mixture_velocity(face_means))
-    sigmas = flow_sigmas(30, 5.0)
+    sigmas = simple_sigmas(30, 5.0)
     grid = [float(s) for s in sigmas]
     out, state = sample_alp(counting, noise_for(1), sigmas, preset(name))
     report = state.report()
@@ -179,7 +179,7 @@ def test_skipped_steps_make_no_model_call_and_counts_match_the_wrapper(face_mean
 
 def test_step_by_step_calls_match_per_step_flags(face_means):
     counting = CountingVelocity(mixture_velocity(face_means))
-    sigmas = flow_sigmas(30, 5.0)
+    sigmas = simple_sigmas(30, 5.0)
     state = new_window_state(sigmas, preset("fast"))
     x = noise_for(2)
     flags = []
@@ -193,7 +193,7 @@ def test_step_by_step_calls_match_per_step_flags(face_means):
 
 def test_off_is_bit_identical_to_euler(face_means):
     velocity = mixture_velocity(face_means)
-    sigmas = flow_sigmas(30, 5.0)
+    sigmas = simple_sigmas(30, 5.0)
     x = noise_for(3)
     out, state = sample_alp(velocity, x, sigmas, preset("off"))
     assert torch.equal(out, sample_euler(velocity, x, sigmas))
@@ -202,7 +202,7 @@ def test_off_is_bit_identical_to_euler(face_means):
 
 def test_alp_is_deterministic(face_means):
     velocity = mixture_velocity(face_means)
-    sigmas = flow_sigmas(30, 5.0)
+    sigmas = simple_sigmas(30, 5.0)
     runs = [sample_alp(velocity, noise_for(4), sigmas, preset("fast")) for _ in range(2)]
     assert torch.equal(runs[0][0], runs[1][0])
     assert runs[0][1].computed_steps == runs[1][1].computed_steps
@@ -210,17 +210,17 @@ def test_alp_is_deterministic(face_means):
 
 def test_alp_fast_tracks_the_full_run_better_than_euler_at_equal_cost(face_means):
     velocity = mixture_velocity(face_means)
-    sigmas = flow_sigmas(30, 5.0)
+    sigmas = simple_sigmas(30, 5.0)
     x = noise_for(5)
     full = sample_euler(velocity, x, sigmas)
     out, state = sample_alp(velocity, x, sigmas, preset("fast"))
-    cheap = sample_euler(velocity, x, flow_sigmas(len(state.computed_steps), 5.0))
+    cheap = sample_euler(velocity, x, simple_sigmas(len(state.computed_steps), 5.0))
     assert float((out - full).pow(2).mean()) < float((cheap - full).pow(2).mean())
 
 
 def test_windows_keep_separate_histories(face_means):
     velocity = mixture_velocity(face_means)
-    sigmas = flow_sigmas(30, 5.0)
+    sigmas = simple_sigmas(30, 5.0)
     xs = [noise_for(6), noise_for(7)]
     alone = [sample_alp(velocity, x, sigmas, preset("balanced"))[0] for x in xs]
     states = [new_window_state(sigmas, preset("balanced")) for _ in xs]
@@ -245,7 +245,7 @@ def test_accumulated_error_estimate_forces_a_computed_step():
     # v changes linearly in sigma: the order-1 top term is non-zero, so a small tolerance recomputes often.
     coefficients = random_coefficients(1, seed=3)
     velocity = polynomial_velocity(coefficients)
-    sigmas = flow_sigmas(30, 5.0)
+    sigmas = simple_sigmas(30, 5.0)
     loose = sample_alp(velocity, coefficients[0] * 0 + 1.0, sigmas,
                        ALPConfig(max_order=1, warmup_steps=2, first_trust=NEVER, error_tolerance=NEVER))[1]
     tight = sample_alp(velocity, coefficients[0] * 0 + 1.0, sigmas,
@@ -256,7 +256,7 @@ def test_accumulated_error_estimate_forces_a_computed_step():
 
 def test_first_trust_bounds_the_stale_forecast(face_means):
     velocity = mixture_velocity(face_means)
-    sigmas = flow_sigmas(30, 5.0)
+    sigmas = simple_sigmas(30, 5.0)
     x = noise_for(8)
     near = sample_alp(velocity, x, sigmas, ALPConfig(first_trust=0.01, error_tolerance=NEVER))[1]
     far = sample_alp(velocity, x, sigmas, ALPConfig(first_trust=0.2, error_tolerance=NEVER))[1]
@@ -282,7 +282,7 @@ def test_block_change_magnitudes_are_relative():
 def test_layer_dial_damps_then_drops_the_top_order(changes, expect):
     coefficients = random_coefficients(2, seed=5)
     velocity = polynomial_velocity(coefficients)
-    sigmas = flow_sigmas(30, 5.0)
+    sigmas = simple_sigmas(30, 5.0)
     grid = [float(s) for s in sigmas]
     config = ALPConfig(max_order=2, layer_ratio_limit=1.5)
 
@@ -316,7 +316,7 @@ def replace_order(config: ALPConfig, order: int) -> ALPConfig:
 
 def test_should_compute_is_pure(face_means):
     velocity = mixture_velocity(face_means)
-    sigmas = flow_sigmas(30, 5.0)
+    sigmas = simple_sigmas(30, 5.0)
     state = new_window_state(sigmas, preset("fast"))
     x = noise_for(9)
     for i in range(10):
@@ -342,7 +342,7 @@ def test_bad_inputs_raise_clear_errors():
         ALPConfig(warmup_steps=0)
     with pytest.raises(ValueError, match="decreasing"):
         new_window_state([0.0, 1.0], ALPConfig())
-    state = new_window_state(flow_sigmas(10, 5.0), ALPConfig())
+    state = new_window_state(simple_sigmas(10, 5.0), ALPConfig())
     with pytest.raises(ValueError, match="step_index"):
         should_compute(state, torch.zeros(1), 10)
     with pytest.raises(ValueError, match="first step must be computed"):
@@ -359,7 +359,7 @@ def test_presets_are_named_and_ordered_by_speed():
 
 def test_half_precision_latents_forecast_in_float32_and_keep_their_dtype(face_means):
     velocity = mixture_velocity(face_means)
-    sigmas = flow_sigmas(30, 5.0)
+    sigmas = simple_sigmas(30, 5.0)
     x64 = noise_for(10)
 
     def bf16_velocity(x, sigma):
@@ -378,7 +378,7 @@ def test_half_precision_latents_forecast_in_float32_and_keep_their_dtype(face_me
 
 def test_stored_latent_is_a_copy(face_means):
     velocity = mixture_velocity(face_means)
-    sigmas = flow_sigmas(30, 5.0)
+    sigmas = simple_sigmas(30, 5.0)
     state = new_window_state(sigmas, preset("fast"))
     x = noise_for(11)
     alp_step(state, x, 0, velocity)

@@ -365,8 +365,8 @@ def browser_results(comfy_server, tmp_path_factory):
 
 
 def _expected_plan(frames: int, length: int, overlap: int) -> int:
-    from flashportrait_core.emotion_tokens import num_latent_frames, trim_to_4k_plus_1
-    from flashportrait_core.windows import plan_windows
+    from flashportrait_core.conditioning.emotion_tokens import num_latent_frames, trim_to_4k_plus_1
+    from flashportrait_core.sampling.windows import plan_windows
 
     return len(plan_windows(num_latent_frames(trim_to_4k_plus_1(frames)), length, overlap).windows)
 

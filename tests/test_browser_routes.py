@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from flashportrait_core.windows import plan_windows
+from flashportrait_core.sampling.windows import plan_windows
 
 pytestmark = pytest.mark.graph
 

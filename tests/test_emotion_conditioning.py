@@ -6,20 +6,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flashportrait_core.emotion_conditioning import (
+from flashportrait_core.conditioning.emotion_conditioning import (
     EmotionConditioning,
     all_latent_tokens,
     build_emotion_conditioning,
     encode_all_frames,
     encode_latent_frame_range,
 )
-from flashportrait_core.emotion_tokens import (
+from flashportrait_core.conditioning.emotion_tokens import (
     emotion_tokens_for_latent_range,
     emotion_tokens_per_latent_frame,
     latent_frame_video_span,
 )
-from flashportrait_core.portrait_encoder import load_portrait_encoder, random_portrait_encoder_state_dict
-from flashportrait_core.resume import resume_key
+from flashportrait_core.conditioning.portrait_encoder import load_portrait_encoder, random_portrait_encoder_state_dict
+from flashportrait_core.sampling.resume import resume_key
 
 NUM_FRAMES = 201  # 51 latent frames: several encoder batches of 32 frames
 
@@ -140,7 +140,7 @@ def test_resume_key_follows_features_settings_and_encoder_weights(encoder, featu
 
 
 def test_window_cache_holds_one_window_and_encodes_only_new_frames(encoder, features, whole_video, monkeypatch):
-    import flashportrait_core.emotion_conditioning as module
+    import flashportrait_core.conditioning.emotion_conditioning as module
 
     encoded_frames = []
     real_encode = module.encode_expression_features

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flashportrait_core.emotion_tokens import (
+from flashportrait_core.conditioning.emotion_tokens import (
     emotion_tokens_per_latent_frame,
     latent_frame_real_token_counts,
     latent_frame_token_ranges,

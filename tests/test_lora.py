@@ -143,7 +143,7 @@ def test_converter_script_writes_a_loadable_file(tiny_setup, tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 def _run_sampler(model, vae, acceleration="4-step LoRA", steps=30, sampler="euler", target_speedup=0.0):
-    from flashportrait_core.emotion_conditioning import EmotionConditioning
+    from flashportrait_core.conditioning.emotion_conditioning import EmotionConditioning
 
     positive, negative, clip_output = pack.nodes.conditioning.FlashPortraitLoadConditioning.execute(
         "tiny_prompt.safetensors").result
@@ -166,7 +166,7 @@ def test_sampler_four_step_lora_path_runs_four_steps_with_the_lora(tiny_setup, t
     latents, report = _run_sampler(with_lora, tiny_vae)
     # 1 window of 4 latent frames x 4 steps x 2 guided passes (emotion CFG), ALP off.
     assert report.splitlines()[0].startswith("1 window(s) x 4 steps, 8 DiT passes")
-    assert "ALP off; steps=30 not used" in report and "carries no LoRA" not in report
+    assert "ALP off; steps=30 and schedule" in report and "carries no LoRA" not in report
     plain, plain_report = _run_sampler(model, tiny_vae)
     assert "carries no LoRA" in plain_report
     assert torch.isfinite(latents).all() and not torch.allclose(latents, plain)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from flashportrait_core.checkpoints import load_state_dict
-from flashportrait_core.emotion_conditioning import EmotionConditioning
-from flashportrait_core.windows import plan_windows
+from flashportrait_core.conditioning.emotion_conditioning import EmotionConditioning
+from flashportrait_core.sampling.windows import plan_windows
 from pack import import_pack
 from tiny_nodes import tiny_folders, tiny_model, tiny_vae  # noqa: F401 (fixtures)
 
@@ -17,7 +17,7 @@ from flashportrait_pack.flashportrait_core.checkpoints import CheckpointError  #
 loaders = pack.nodes.loaders
 conditioning_nodes = pack.nodes.conditioning
 wan_runner = pack.nodes.wan_runner
-alp_core = pack.flashportrait_core.alp
+alp_core = pack.flashportrait_core.sampling.alp
 windows_node = pack.nodes.windows
 
 
@@ -162,10 +162,10 @@ def test_alp_skips_passes_and_reports_the_true_count(tiny_model, tiny_vae):
 
 
 def _conditioning_with_encoder():
-    portrait_core = pack.flashportrait_core.portrait_encoder
+    portrait_core = pack.flashportrait_core.conditioning.portrait_encoder
     encoder = portrait_core.load_portrait_encoder(portrait_core.random_portrait_encoder_state_dict(seed=3)).float()
     features = torch.randn(5, encoder.config.feature_dim, generator=torch.Generator().manual_seed(4))
-    return pack.flashportrait_core.emotion_conditioning.build_emotion_conditioning(encoder, features)
+    return pack.flashportrait_core.conditioning.emotion_conditioning.build_emotion_conditioning(encoder, features)
 
 
 def test_portrait_encoder_is_left_alone_when_sampling_on_its_device():

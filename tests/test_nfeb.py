@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from flashportrait_core.nfeb import add_normalized_emotion, frame_local_attention, match_statistics
+from flashportrait_core.conditioning.nfeb import add_normalized_emotion, frame_local_attention, match_statistics
 from pack import import_pack
 
 pack = import_pack()

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from flashportrait_core.emotion_tokens import emotion_tokens_per_latent_frame
-from flashportrait_core.portrait_encoder import (
+from flashportrait_core.conditioning.emotion_tokens import emotion_tokens_per_latent_frame
+from flashportrait_core.conditioning.portrait_encoder import (
     PUBLISHED_PORTRAIT_ENCODER_CONFIG,
     PerceiverAttention,
     PortraitEncoder,

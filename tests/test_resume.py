@@ -4,12 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flashportrait_core.alp import alp_step, new_window_state, preset
-from flashportrait_core.resume import (SamplingCheckpoint, checkpoint_path, load_checkpoint, restore_window_state,
+from flashportrait_core.sampling.alp import alp_step, new_window_state, preset
+from flashportrait_core.sampling.resume import (SamplingCheckpoint, checkpoint_path, load_checkpoint, restore_window_state,
                                        resume_key, sample_flow_windows_resumable, save_checkpoint,
                                        window_state_dict)
-from flashportrait_core.sampling import flow_sigmas, sample_flow_windows
-from flashportrait_core.windows import plan_windows
+from flashportrait_core.sampling.loop import sample_flow_windows
+from flashportrait_core.sampling.schedules import simple_sigmas
+from flashportrait_core.sampling.windows import plan_windows
 
 STEPS = 8
 PLAN = plan_windows(13, 5, 2)  # 4 windows over 13 latent frames
@@ -62,7 +63,7 @@ def _velocity(target, alp: bool, sigmas, fail_after=None):
 
 def test_start_step_and_after_step_continue_the_loop_exactly():
     noise, target = _noise_and_target()
-    sigmas = flow_sigmas(STEPS, 3.0)
+    sigmas = simple_sigmas(STEPS, 3.0)
     seen = {}
     full = sample_flow_windows(noise, sigmas, PLAN, ToyVelocity(target),
                                after_step=lambda k, x: seen.setdefault(k, x.clone()))
@@ -76,7 +77,7 @@ def test_start_step_and_after_step_continue_the_loop_exactly():
 
 def test_windows_reach_the_velocity_on_the_compute_device():
     noise, target = _noise_and_target()
-    sigmas = flow_sigmas(3, 3.0)
+    sigmas = simple_sigmas(3, 3.0)
     devices = []
 
     def velocity(x, sigma, window, step):
@@ -92,7 +93,7 @@ def test_windows_reach_the_velocity_on_the_compute_device():
 @pytest.mark.parametrize("alp", [False, True])
 def test_latents_on_the_host_equal_latents_on_the_device(alp):
     noise, target = _noise_and_target()
-    sigmas = flow_sigmas(STEPS, 3.0)
+    sigmas = simple_sigmas(STEPS, 3.0)
     on_device = sample_flow_windows(noise.cuda(), sigmas, PLAN, _velocity(target.cuda(), alp, sigmas))
     on_host = sample_flow_windows(noise, sigmas, PLAN, _velocity(target.cuda(), alp, sigmas), compute_device="cuda")
     assert on_host.device.type == "cpu"
@@ -103,7 +104,7 @@ def test_latents_on_the_host_equal_latents_on_the_device(alp):
 @pytest.mark.parametrize("stop_at", [0.05, 0.5, 0.9])  # fraction of the run's model calls: first step, mid, late
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path, alp, stop_at):
     noise, target = _noise_and_target()
-    sigmas = flow_sigmas(STEPS, 3.0)
+    sigmas = simple_sigmas(STEPS, 3.0)
     key = resume_key(seed=0, steps=STEPS, alp=alp)
     file = checkpoint_path(tmp_path / "resume", key)
 
@@ -142,7 +143,7 @@ def test_resumed_adams_run_equals_an_uninterrupted_one(tmp_path, solver):
     """The multistep history (the last blended velocities) comes back with the latents; without it the first
     resumed steps would fall back to lower orders and land elsewhere."""
     noise, target = _noise_and_target()
-    sigmas = flow_sigmas(STEPS, 3.0)
+    sigmas = simple_sigmas(STEPS, 3.0)
     key = resume_key(seed=0, steps=STEPS, solver=solver)
     file = checkpoint_path(tmp_path / "resume", key)
     uninterrupted = sample_flow_windows(noise, sigmas, PLAN, ToyVelocity(target), solver=solver)
@@ -170,7 +171,7 @@ def test_resumed_adams_run_equals_an_uninterrupted_one(tmp_path, solver):
 def test_resuming_without_the_alp_histories_would_differ(tmp_path):
     """The ALP state is part of what must be restored: the latents alone give another result."""
     noise, target = _noise_and_target()
-    sigmas = flow_sigmas(STEPS, 3.0)
+    sigmas = simple_sigmas(STEPS, 3.0)
     key = resume_key(case="alp histories")
     file = checkpoint_path(tmp_path, key)
     uninterrupted = sample_flow_windows(noise, sigmas, PLAN, _velocity(target, True, sigmas))
@@ -185,7 +186,7 @@ def test_resuming_without_the_alp_histories_would_differ(tmp_path):
 
 def test_checkpoint_round_trip_is_weights_only_loadable_and_keyed(tmp_path):
     noise, target = _noise_and_target()
-    sigmas = flow_sigmas(STEPS, 3.0)
+    sigmas = simple_sigmas(STEPS, 3.0)
     velocity = _velocity(target, True, sigmas)
     sample_flow_windows(noise, sigmas, PLAN, velocity)
     state = velocity.states[1]

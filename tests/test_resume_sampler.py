@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flashportrait_core.emotion_conditioning import EmotionConditioning
-from flashportrait_core.windows import plan_windows
+from flashportrait_core.conditioning.emotion_conditioning import EmotionConditioning
+from flashportrait_core.sampling.windows import plan_windows
 from pack import import_pack
 from tiny_nodes import tiny_folders, tiny_model, tiny_vae  # noqa: F401 (fixtures)
 
@@ -15,7 +15,7 @@ import folder_paths  # noqa: E402
 
 conditioning_nodes = pack.nodes.conditioning
 wan_runner = pack.nodes.wan_runner
-alp_core = pack.flashportrait_core.alp
+alp_core = pack.flashportrait_core.sampling.alp
 
 STEPS = 4
 

@@ -3,26 +3,27 @@ from __future__ import annotations
 
 import torch
 
-from flashportrait_core.guidance import combine_guidance, guidance_passes
-from flashportrait_core.sampling import flow_sigmas, sample_flow_windows
-from flashportrait_core.windows import plan_windows
+from flashportrait_core.sampling.guidance import combine_guidance, guidance_passes
+from flashportrait_core.sampling.loop import sample_flow_windows
+from flashportrait_core.sampling.schedules import simple_sigmas
+from flashportrait_core.sampling.windows import plan_windows
 
 
 def test_shifted_sigmas():
-    sigmas = flow_sigmas(30, 5.0)
+    sigmas = simple_sigmas(30, 5.0)
     assert sigmas.shape == (31,)
     assert sigmas[0] == 1.0 and sigmas[-1] == 0.0
     assert torch.all(sigmas[1:] < sigmas[:-1])
     t = 1 - 1 / 30
     assert torch.isclose(sigmas[1], torch.tensor(5 * t / (1 + 4 * t), dtype=torch.float64))
-    assert torch.allclose(flow_sigmas(4, 1.0), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64))
+    assert torch.allclose(simple_sigmas(4, 1.0), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64))
 
 
 def test_single_window_equals_plain_euler():
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(1, 2, 5, 3, 3, generator=gen)
     target = torch.randn(1, 2, 5, 3, 3, generator=gen)
-    sigmas = flow_sigmas(6, 3.0)
+    sigmas = simple_sigmas(6, 3.0)
 
     def velocity(x, sigma, window, step):  # exact velocity toward a fixed clean sample
         return (x - target) / sigma

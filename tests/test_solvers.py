@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from flashportrait_core.sampling import flow_sigmas
-from flashportrait_core.solvers import (
+from flashportrait_core.sampling.schedules import simple_sigmas
+from flashportrait_core.sampling.solvers import (
     divided_differences,
     lagrange_step_weights,
     newton_basis_integrals,
@@ -76,13 +76,13 @@ def test_lagrange_step_weights_integrate_polynomials_exactly():
 
 def test_adams_order_one_is_euler(problem):
     velocity, noise, _ = problem
-    grid = flow_sigmas(12, 5.0)
+    grid = simple_sigmas(12, 5.0)
     torch.testing.assert_close(sample_adams(velocity, noise, grid, 1), sample_euler(velocity, noise, grid),
                                rtol=0, atol=1e-12)
 
 
 def test_adams_is_exact_for_polynomial_velocity_of_matching_degree():
-    grid = flow_sigmas(9, 5.0)
+    grid = simple_sigmas(9, 5.0)
     coeffs = torch.tensor([0.3, -1.1, 0.7], dtype=torch.float64)  # v(s) = 0.3 - 1.1 s + 0.7 s^2
 
     def velocity(x, sigma):
@@ -104,7 +104,7 @@ def test_adams_is_exact_for_polynomial_velocity_of_matching_degree():
 @pytest.mark.parametrize("order", [1, 2, 3])
 def test_unipc_converges_to_the_exact_endpoint(problem, order):
     velocity, noise, exact = problem
-    grid_coarse, grid_fine = flow_sigmas(10, 1.0), flow_sigmas(40, 1.0)
+    grid_coarse, grid_fine = simple_sigmas(10, 1.0), simple_sigmas(40, 1.0)
     err = [float((sample_unipc(velocity, noise, g, order) - exact).abs().max()) for g in (grid_coarse, grid_fine)]
     euler_err = float((sample_euler(velocity, noise, grid_fine) - exact).abs().max())
     assert err[1] < err[0]
@@ -116,7 +116,7 @@ def test_unipc_converges_to_the_exact_endpoint(problem, order):
 
 def test_multistep_solvers_beat_euler_on_the_shifted_grid(problem):
     velocity, noise, exact = problem
-    grid = flow_sigmas(20, 5.0)
+    grid = simple_sigmas(20, 5.0)
     euler_err = float((sample_euler(velocity, noise, grid) - exact).pow(2).mean())
     for sampler in (lambda: sample_adams(velocity, noise, grid, 2), lambda: sample_unipc(velocity, noise, grid, 2)):
         assert float((sampler() - exact).pow(2).mean()) < euler_err
@@ -127,7 +127,7 @@ def test_solver_inputs_are_checked(problem):
     with pytest.raises(ValueError, match="decreasing"):
         sample_euler(velocity, noise, [0.0, 0.5, 1.0])
     with pytest.raises(ValueError, match="order"):
-        sample_adams(velocity, noise, flow_sigmas(4, 5.0), 7)
+        sample_adams(velocity, noise, simple_sigmas(4, 5.0), 7)
     with pytest.raises(ValueError, match="sigma = 0"):
         sample_unipc(velocity, noise, [1.0, 0.5, 0.1])
 
@@ -152,8 +152,8 @@ def _framewise_mixture_velocity(means: torch.Tensor):
 
 @pytest.mark.parametrize("solver", ["euler", "adams2", "adams3"])
 def test_windowed_loop_steps_like_the_plain_solver(solver):
-    from flashportrait_core.sampling import sample_flow_windows
-    from flashportrait_core.windows import plan_windows
+    from flashportrait_core.sampling.loop import sample_flow_windows
+    from flashportrait_core.sampling.windows import plan_windows
 
     gen = torch.Generator().manual_seed(3)
     frames = 13
@@ -161,7 +161,7 @@ def test_windowed_loop_steps_like_the_plain_solver(solver):
     noise = torch.randn(1, 4, frames, 3, 3, generator=gen)
     plan = plan_windows(frames, 8, 4)
     assert len(plan.windows) > 1
-    sigmas = flow_sigmas(12, 5.0)
+    sigmas = simple_sigmas(12, 5.0)
 
     def window_velocity(x, sigma, window, step):
         start, end = plan.windows[window]
@@ -181,7 +181,7 @@ def test_windowed_loop_steps_like_the_plain_solver(solver):
 
 
 def test_euler_step_update_is_the_published_line_bit_for_bit():
-    from flashportrait_core.solvers import make_step_update
+    from flashportrait_core.sampling.solvers import make_step_update
 
     v = torch.randn(2, 5, generator=torch.Generator().manual_seed(0))
     assert torch.equal(make_step_update("euler")(0.9, 0.7, v), (0.7 - 0.9) * v)

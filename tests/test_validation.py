@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flashportrait_core.emotion_conditioning import EmotionConditioning
+from flashportrait_core.conditioning.emotion_conditioning import EmotionConditioning
 from flashportrait_core.validation import (InputError, NonFiniteInputError, ShapeMismatchError,
                                            check_expression_features, check_sampler_inputs,
                                            require_finite, require_image_batch, require_same_device_and_dtype,

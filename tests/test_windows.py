@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flashportrait_core.windows import blend_weights, plan_windows
+from flashportrait_core.sampling.windows import blend_weights, plan_windows
 
 
 def test_published_defaults_on_a_long_video():

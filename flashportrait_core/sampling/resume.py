@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .alp import ALPWindowState
-from .sampling import WindowVelocity, sample_flow_windows
+from .loop import WindowVelocity, sample_flow_windows
 from .solvers import StepHistory
 from .windows import WindowPlan
 

@@ -1,4 +1,4 @@
-"""Flow-matching schedule and the sliding-window denoising loop."""
+"""The sliding-window denoising loop over a noise schedule."""
 from __future__ import annotations
 
 from typing import Callable
@@ -7,20 +7,6 @@ import torch
 
 from .solvers import StepHistory, make_step_update
 from .windows import WindowPlan, blend_weights
-
-
-def flow_sigmas(steps: int, shift: float) -> torch.Tensor:
-    """Shifted flow-matching noise levels, from 1 down to 0 (``steps + 1`` values, float64).
-
-    sigma(t) = shift * t / (1 + (shift - 1) * t) over t evenly spaced in [1, 0]; shift > 1 spends
-    more steps at high noise, where a video's layout and motion are decided.
-    """
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    if shift <= 0:
-        raise ValueError(f"shift must be positive, got {shift}")
-    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    return shift * t / (1.0 + (shift - 1.0) * t)
 
 
 # (x_window, sigma, window_index, step_index) -> guided velocity dx/dsigma of that window

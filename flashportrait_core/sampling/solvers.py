@@ -2,7 +2,7 @@
 
 Conventions (Wan flow matching): x_sigma = (1 - sigma) * x0 + sigma * noise, the model predicts the
 velocity v = dx/dsigma, and sampling integrates from sigma = 1 down to sigma = 0 over a grid such as
-``flow_sigmas(steps, shift)``. A ``VelocityFn`` is ``velocity(x, sigma) -> v`` with guidance already
+``simple_sigmas(steps, shift)``. A ``VelocityFn`` is ``velocity(x, sigma) -> v`` with guidance already
 combined, so one call is one (guided) model evaluation.
 
 Solvers here:
