@@ -82,3 +82,28 @@ def schedule_sigmas(schedule: str, steps: int, shift: float) -> torch.Tensor:
     if schedule == DISTILLED_4STEP:
         return distilled_sigmas(shift)
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+
+
+def partial_denoise(sigmas_for_steps, steps: int, denoise: float) -> torch.Tensor:
+    """The last ``steps`` steps of a longer grid, as ComfyUI's KSampler does for ``denoise`` < 1.
+
+    ``sigmas_for_steps(n)`` gives an n-step grid; with denoise d the grid has int(steps / d) steps and the run
+    starts ``steps`` steps before its end, so it refines an existing latent instead of starting from noise.
+    """
+    if not 0.0 < denoise <= 1.0:
+        raise ValueError(f"denoise must be in (0, 1], got {denoise}")
+    if denoise > 0.9999:
+        return sigmas_for_steps(steps)
+    return sigmas_for_steps(int(steps / denoise))[-(steps + 1):]
+
+
+def sampling_sigmas(schedule: str, steps: int, shift: float, denoise: float = 1.0) -> torch.Tensor:
+    """The noise levels a run samples: ``schedule`` over ``steps`` steps, its tail for ``denoise`` < 1.
+
+    The distilled grid has fixed timesteps, so a partial run takes the last round(4 * denoise) of them."""
+    if schedule == DISTILLED_4STEP:
+        sigmas = distilled_sigmas(shift)
+        if not 0.0 < denoise <= 1.0:
+            raise ValueError(f"denoise must be in (0, 1], got {denoise}")
+        return sigmas[-(max(1, round((len(sigmas) - 1) * denoise)) + 1):]
+    return partial_denoise(lambda n: schedule_sigmas(schedule, n, shift), steps, denoise)
