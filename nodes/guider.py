@@ -183,6 +183,13 @@ class FlashPortraitGuider(comfy.samplers.CFGGuider):
         self._blocks = probe_blocks(len(self.model_patcher.model.diffusion_model.blocks))
         self._session = ResumeSession.open(self, noise, latent_image, sampler, model_sigmas, seed)
         sampler, callback = self._session.resumed_sampler(sampler, callback)
+        transformer_options = self.model_options.get("transformer_options", {})
+        if "easycache" in transformer_options:
+            raise ValueError(f"{type(transformer_options['easycache']).__name__} (EasyCache / LazyCache node) cannot "
+                             f"apply to FlashPortrait's windows: it keeps one cached residual per condition and one "
+                             f"skip decision per step, but every window evaluates the same conditions, so it would "
+                             f"reuse another window's residual. Remove it and use the acceleration setting (ALP), "
+                             f"which forecasts each window separately")
         if any(name in self.model_options for name in _CFG_PATCHES):
             self.report.notes.append("model patches that replace ComfyUI's two-condition CFG were not applied "
                                      "(FlashPortrait combines its own guidance passes)")
