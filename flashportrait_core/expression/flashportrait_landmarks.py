@@ -108,10 +108,15 @@ class LandmarkModel:
         if len(model_input.shape) != 4 or (len(static) == 3 and static != [3, CROP_SIZE, CROP_SIZE]):
             raise FaceFileError(f"{self.path.name} takes input {model_input.shape}; the published landmark model "
                                 f"takes [1, 3, {CROP_SIZE}, {CROP_SIZE}]")
-        self._output_names = [output.name for output in self._session.get_outputs()]
-        if len(self._output_names) < 3:
-            raise FaceFileError(f"{self.path.name} has {len(self._output_names)} outputs; the published landmark "
-                                "model has 3 (landmarks, Euler angles, face score)")
+        outputs = self._session.get_outputs()
+        self._output_names = [output.name for output in outputs]
+        if len(outputs) != 3:
+            raise FaceFileError(f"{self.path.name} has {len(outputs)} outputs; the published landmark model has 3 "
+                                "(landmarks, Euler angles, face score)")
+        values = [d for d in outputs[0].shape[1:] if isinstance(d, int)]
+        if len(values) == len(outputs[0].shape) - 1 and int(np.prod(values)) != 2 * LANDMARK_COUNT:
+            raise FaceFileError(f"{self.path.name} answers {outputs[0].shape} landmark values; the published model "
+                                f"answers {2 * LANDMARK_COUNT} (222 points, all x then all y)")
 
     def predict(self, crop_bgr: np.ndarray) -> tuple[np.ndarray, float, float, float]:
         """A 128 x 128 BGR uint8 crop -> landmarks [222, 2] in crop pixels, pitch, yaw, face score."""
