@@ -169,3 +169,15 @@ def write_landmark_model(path: Path, template: np.ndarray, follow: float = 0.0,
          helper.make_tensor_value_info("euler", TensorProto.FLOAT, [1, 3]),
          helper.make_tensor_value_info("score", TensorProto.FLOAT, [1, 1])], initializers)
     return _save(graph, path)
+
+
+def write_skin_face_files(folder: Path) -> tuple[Path, Path]:
+    """face_det.onnx + face_landmark.onnx that find a face on a real video by its colour: the detector fires on
+    stride-32 cells redder than green (skin before a green screen, as in lp_d0.mp4), boxes of 96 input pixels; the
+    landmark template follows the crop's red centroid and keeps the detector box's size."""
+    biases = {8: np.full(grid(8), -20.0), 16: np.full(grid(16), -20.0), 32: np.full(grid(32), -1.0)}
+    detector = write_face_detector(folder / "face_det.onnx", channel_weights=(0.0, -1.5, 1.5), biases=biases,
+                                   logits={32: distance_logits((1.5,) * 4)})
+    landmarks = write_landmark_model(folder / "face_landmark.onnx", face_template() - 0.5, follow=1.0,
+                                     channel_weights=(0.0, 0.0, 1.0), score_gain=1.0, score_bias=0.0)
+    return detector, landmarks

@@ -49,7 +49,10 @@ def apply(transform: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 
 def invert(transform: np.ndarray) -> np.ndarray:
-    linear = np.linalg.inv(transform[:, :2])
+    """The inverse [2, 3] of an affine map (written out: a LAPACK call costs more than the whole crop here)."""
+    (a, b), (c, d) = transform[:, :2]
+    determinant = a * d - b * c
+    linear = np.array([[d, -b], [-c, a]]) / determinant
     return np.concatenate([linear, -linear @ transform[:, 2:]], axis=1)
 
 
