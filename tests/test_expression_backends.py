@@ -208,3 +208,10 @@ def test_flashportrait_without_onnxruntime(tmp_path: Path, without_onnxruntime) 
         resolve_face_backend("flashportrait", flashportrait_folders=[weights])
     choice = resolve_face_backend("auto", flashportrait_folders=[weights])
     assert choice.name == "mediapipe" and "the flashportrait face backend runs face_det.onnx" in choice.description
+
+
+def test_flashportrait_without_opencv(tmp_path: Path, hide_module) -> None:
+    weights = _face_files(tmp_path / "flashportrait")
+    hide_module("cv2")
+    with pytest.raises(ImportError, match="needs OpenCV for its crops: pip install opencv-python-headless"):
+        resolve_face_backend("flashportrait", flashportrait_folders=[weights])

@@ -38,8 +38,9 @@ class ExpressionFeatures:
     found: [T] bool, False where the face was not seen. filled_frames: indices whose points were interpolated.
     fps: frame rate of these T frames. source_fps / source_frames: the driving video's, before any frame-rate
     conversion. frame_size: (height, width) of the driving frames, in which points and boxes are measured.
-    landmarks: [T, K, 2] float32 frame pixels, the backend's dense landmarks as detected (MediaPipe: 478; not
-    filled or smoothed, NaN where no face was seen), or None when the backend has none (insightface SCRFD).
+    landmarks: [T, K, 2] float32 frame pixels, the backend's dense landmarks as it gives them (MediaPipe: 478,
+    flashportrait: 222, already smoothed by the published filter; not filled or smoothed here, NaN where no face
+    was seen), or None when the backend has none (insightface SCRFD without 2d106det).
     point_filter: the temporal filter the face backend applied itself (flashportrait: the published landmark
     filter), when it has one; `smoothing` is then 0, as no filter of ours is added.
     """
