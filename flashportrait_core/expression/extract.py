@@ -264,20 +264,20 @@ def backend_point_filter(backend: FaceBackend) -> str:
 
 def _run(passes: Callable[[], Iterator[torch.Tensor]], expected_frames: int, encoder: FanEncoder,
          backend: FaceBackend, fps: float, smoothing: float, on_progress: ProgressCallback | None,
-         should_stop: StopCallback | None) -> tuple[StableTrack, torch.Tensor, float]:
-    """Both passes; returns the track, the features and the smoothing strength applied (0 when the backend
-    smooths its points itself: the published pipeline filters them once)."""
+         should_stop: StopCallback | None) -> tuple[StableTrack, torch.Tensor, str]:
+    """Both passes; returns the track, the features and the backend's own point filter ("" when it has none).
+    Our smoothing is left out where the backend filters its points: the published pipeline filters them once."""
     if not math.isfinite(fps) or fps <= 0:
         raise ValueError(f"fps must be a positive frame rate, got {fps}")
     settings_for_strength(smoothing)
-    applied = 0.0 if backend_point_filter(backend) else smoothing
+    point_filter = backend_point_filter(backend)
     progress = _Progress(expected_frames, on_progress)
     track = track_faces(passes(), backend, progress, should_stop)
     progress.finish_first_pass(track.found.shape[0])
-    stable = stabilize_track(track, fps, applied)
+    stable = stabilize_track(track, fps, 0.0 if point_filter else smoothing)
     transforms = similarity_to_template(torch.from_numpy(stable.points).to(torch.float64))
     features = encode_chunks(passes(), transforms, encoder, progress, should_stop)
-    return stable, features, applied
+    return stable, features, point_filter
 
 
 def _result(stable: StableTrack, features: torch.Tensor, fps: float, smoothing: float,
@@ -291,7 +291,7 @@ def _result(stable: StableTrack, features: torch.Tensor, fps: float, smoothing: 
         fps=fps,
         source_fps=fps,
         source_frames=int(features.shape[0]),
-        smoothing=smoothing,
+        smoothing=0.0 if point_filter else smoothing,
         frame_size=frame_size,
         landmarks=None if stable.landmarks is None else torch.from_numpy(stable.landmarks),
         point_filter=point_filter,
@@ -327,8 +327,8 @@ def extract_expression_features(
         for start in range(0, total, batch_size):
             yield rgb_chunk(frames, start, min(start + batch_size, total))
 
-    stable, features, applied = _run(passes, total, encoder, backend, fps, smoothing, on_progress, should_stop)
-    return _result(stable, features, fps, applied, (frames.shape[1], frames.shape[2]), backend_point_filter(backend))
+    stable, features, point_filter = _run(passes, total, encoder, backend, fps, smoothing, on_progress, should_stop)
+    return _result(stable, features, fps, smoothing, (frames.shape[1], frames.shape[2]), point_filter)
 
 
 def extract_expression_features_from_video(
@@ -363,9 +363,9 @@ def extract_expression_features_from_video(
         for chunk in iter_video_chunks(info.path, batch_size, max_frames):
             yield torch.from_numpy(chunk)
 
-    stable, features, applied = _run(passes, expected, encoder, backend, info.fps, smoothing, on_progress,
-                                     should_stop)
-    result = _result(stable, features, info.fps, applied, (info.height, info.width), backend_point_filter(backend))
+    stable, features, point_filter = _run(passes, expected, encoder, backend, info.fps, smoothing, on_progress,
+                                          should_stop)
+    result = _result(stable, features, info.fps, smoothing, (info.height, info.width), point_filter)
     if info.frame_count_exact and max_frames is None and info.frame_count != result.source_frames:
         result.notes.append(f"the container states {info.frame_count} frames, {result.source_frames} decoded")
     if target_fps:
