@@ -122,7 +122,7 @@ class FollowedFace:
 
     @classmethod
     def from_box(cls, box: Sequence[float]) -> FollowedFace:
-        box = np.asarray(box, dtype=np.float64)
+        box = np.array(box, dtype=np.float64)  # a copy: the two passes never share a box
         return cls(box=box, face_size=float(math.hypot(box[2] - box[0], box[3] - box[1])),
                    smoother=LandmarkSmoother())
 
