@@ -457,5 +457,5 @@ def test_preview_widgets_are_neither_saved_as_values_nor_queued(browser_results)
     assert saved["windows"]["widgets_values"] == [51, 30]
     assert saved["windows"]["properties"]["preview_frames"] == 777  # kept with the workflow, front-end only
     assert saved["windows"]["inputs"] == {"window_length": 51, "overlap": 30}
-    assert saved["sampler"]["widgets_values"] == [42, "fixed", 30, 5.0, 720, "quality", 0.0, "euler"]
+    assert saved["sampler"]["widgets_values"] == [42, "fixed", 30, 5.0, 720, "off", 0.0, "euler", "published", "off", 1.0]
     assert "alp_report" not in saved["sampler"]["inputs"]
