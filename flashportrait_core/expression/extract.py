@@ -40,6 +40,8 @@ class ExpressionFeatures:
     conversion. frame_size: (height, width) of the driving frames, in which points and boxes are measured.
     landmarks: [T, K, 2] float32 frame pixels, the backend's dense landmarks as detected (MediaPipe: 478; not
     filled or smoothed, NaN where no face was seen), or None when the backend has none (insightface SCRFD).
+    source: the driving video's file name ("" for frames); face_backend: the backend that found the faces, as the
+    report names it; edits: one line per edit applied since extraction (expression/edit.py), kept when saved.
     """
 
     features: torch.Tensor
@@ -54,6 +56,9 @@ class ExpressionFeatures:
     frame_size: tuple[int, int] = (0, 0)
     notes: list[str] = field(default_factory=list)
     landmarks: torch.Tensor | None = None
+    source: str = ""
+    face_backend: str = ""
+    edits: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.source_frames:
@@ -349,6 +354,7 @@ def extract_expression_features_from_video(
     result = _result(stable, features, info.fps, smoothing, (info.height, info.width))
     if info.frame_count_exact and max_frames is None and info.frame_count != result.source_frames:
         result.notes.append(f"the container states {info.frame_count} frames, {result.source_frames} decoded")
+    result.source = os.path.basename(info.path)
     if target_fps:
         result = resample_expressions(result, float(target_fps))
     return result

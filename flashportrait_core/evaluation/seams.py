@@ -1,0 +1,73 @@
+"""Seam check: is the frame-to-frame change where sampling windows meet larger than inside the windows?
+
+The sampler runs overlapping windows of latent frames and cross-fades them; a seam shows as a jump between two
+consecutive frames at a latent frame where a window starts or ends. Latent frame f >= 1 decodes to video frames
+4f - 3 .. 4f (latent frame 0 to frame 0, the reference), so the change that crosses into latent frame b is the one
+from decoded frame 4b - 4 to 4b - 3. Each boundary's change is compared with the median change of the
+non-boundary frame pairs around it (within NEIGHBOURHOOD frames), which follows the motion of the video there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..conditioning.emotion_tokens import TEMPORAL_STRIDE, num_latent_frames, trim_to_4k_plus_1
+from ..sampling.windows import WindowPlan, plan_windows
+
+NEIGHBOURHOOD = 8  # frames on each side a boundary is compared with
+SEAM_RATIO = 2.0  # a boundary whose change exceeds the nearby median by this factor is reported as a seam
+_TINY_CHANGE = 1e-6
+
+
+class FrameChanges:
+    """The mean absolute difference (colour values in [0, 1]) between each frame and the next, fed chunk by chunk
+    (uint8, or float in [0, 1]); only the last frame of the previous chunk is kept."""
+
+    def __init__(self) -> None:
+        self._last: torch.Tensor | None = None
+        self._values: list[np.ndarray] = []
+
+    def add(self, chunk: torch.Tensor) -> None:
+        frames = chunk[..., :3]
+        scale = 255.0 if frames.dtype == torch.uint8 else 1.0
+        frames = frames.to(torch.int16) if frames.dtype == torch.uint8 else frames.float()
+        sequence = frames if self._last is None else torch.cat([self._last[None], frames])
+        if sequence.shape[0] > 1:
+            differences = (sequence[1:] - sequence[:-1]).abs()
+            per_frame = differences.sum(dim=(1, 2, 3), dtype=torch.float64) / (differences[0].numel() * scale)
+            self._values.append(per_frame.numpy())
+        self._last = frames[-1].clone()
+
+    @property
+    def values(self) -> np.ndarray:
+        """[frames - 1]: entry t is the change from frame t to frame t + 1."""
+        return np.concatenate(self._values) if self._values else np.zeros(0)
+
+
+def output_plan(frame_count: int, first_decoded_frame: int, window_length: int, overlap: int) -> WindowPlan:
+    """The sampler's window plan for an output of `frame_count` frames whose first is decoded frame
+    `first_decoded_frame` (1 when the reference frame was dropped)."""
+    decoded = trim_to_4k_plus_1(frame_count + first_decoded_frame)
+    return plan_windows(num_latent_frames(decoded), window_length, overlap)
+
+
+def boundary_transitions(plan: WindowPlan, frame_count: int, first_decoded_frame: int) -> list[int]:
+    """Output frame pairs (t: frame t -> t + 1) that cross into a latent frame where a window starts or the
+    previous one ends."""
+    borders = sorted({start for start, _ in plan.windows[1:]} | {end for _, end in plan.windows[:-1]})
+    transitions = [TEMPORAL_STRIDE * border - TEMPORAL_STRIDE - first_decoded_frame for border in borders]
+    return [t for t in transitions if 0 <= t < frame_count - 1]
+
+
+def seam_ratios(changes: np.ndarray, transitions: list[int], neighbourhood: int = NEIGHBOURHOOD) -> list[float]:
+    """Each boundary's change over the median change of the non-boundary pairs within `neighbourhood` frames."""
+    inside = np.ones(changes.shape[0], dtype=bool)
+    inside[transitions] = False
+    ratios = []
+    for t in transitions:
+        low, high = max(0, t - neighbourhood), min(changes.shape[0], t + neighbourhood + 1)
+        nearby = changes[low:high][inside[low:high]]
+        reference = float(np.median(nearby)) if nearby.size else float(np.median(changes))
+        ratios.append(float(changes[t]) / max(reference, _TINY_CHANGE))
+    return ratios
