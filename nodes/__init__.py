@@ -7,6 +7,10 @@ from typing_extensions import override
 from .conditioning import (FlashPortraitEmotionConditioning, FlashPortraitLoadConditioning,
                            FlashPortraitSaveConditioning)
 from .decode import FlashPortraitDecodeToVideo
+from .evaluate import FlashPortraitEvaluate
+from .expression_edit import (FlashPortraitCombineExpressions, FlashPortraitEditExpressions,
+                              FlashPortraitRetimeExpressions)
+from .expression_files import FlashPortraitLoadExpressions, FlashPortraitSaveExpressions
 from .expressions import (FlashPortraitExtractExpressions, FlashPortraitExtractExpressionsFromVideo,
                           FlashPortraitPlotExpressions, FlashPortraitPreviewFaces)
 from .loaders import (FlashPortraitExpressionModelLoader, FlashPortraitModelLoader,
@@ -31,12 +35,18 @@ class FlashPortraitExtension(ComfyExtension):
             FlashPortraitExtractExpressionsFromVideo,
             FlashPortraitPreviewFaces,
             FlashPortraitPlotExpressions,
+            FlashPortraitEditExpressions,
+            FlashPortraitCombineExpressions,
+            FlashPortraitRetimeExpressions,
+            FlashPortraitSaveExpressions,
+            FlashPortraitLoadExpressions,
             FlashPortraitEmotionConditioning,
             FlashPortraitWindows,
             FlashPortraitSampler,
             FlashPortraitDecodeToVideo,
             FlashPortraitSaveConditioning,
             FlashPortraitLoadConditioning,
+            FlashPortraitEvaluate,
         ]
 
 

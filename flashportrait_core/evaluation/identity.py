@@ -20,8 +20,7 @@ import torch
 from kornia.geometry.transform import warp_affine
 
 from ..expression.alignment import cut_warp_regions, umeyama_similarity
-from ..expression.insightface_backend import (EXAMPLE_LAYOUT, import_onnxruntime, input_normalisation,
-                                              onnx_installed, pack_folders)
+from ..expression.insightface_backend import import_onnxruntime, input_normalisation, onnx_installed, pack_folders
 
 CROP_SIZE = 112
 # ArcFace's 5-point template in a 112x112 crop: left eye, right eye, nose tip, left and right mouth corner.
@@ -38,8 +37,8 @@ class RecognitionModelNotFoundError(FileNotFoundError):
 def missing_model_message(roots: Sequence[str | os.PathLike[str]]) -> str:
     first = Path(roots[0]) if roots else Path("models/insightface")
     return (f"no face-recognition model found: add w600k_r50.onnx (from insightface's buffalo_l pack) to "
-            f"{first / 'models' / 'buffalo_l'}/ or glintr100.onnx (antelopev2) to {first / 'models' / 'antelopev2'}/ "
-            f"(the layout of ComfyUI's {EXAMPLE_LAYOUT}). Searched: {', '.join(str(r) for r in roots) or 'nothing'}")
+            f"{first / 'models' / 'buffalo_l'}/ or glintr100.onnx (antelopev2) to {first / 'models' / 'antelopev2'}/; "
+            f"searched {', '.join(str(r) for r in roots) or 'nothing'}")
 
 
 def recognition_models(roots: Sequence[str | os.PathLike[str]]) -> list[Path]:

@@ -8,6 +8,8 @@ only when called).
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 
 from ..expression.edit import LABELS
@@ -24,6 +26,13 @@ def _exact_size(image: np.ndarray, width: int, height: int) -> np.ndarray:
     rows, columns = min(height, image.shape[0]), min(width, image.shape[1])
     canvas[:rows, :columns] = image[:rows, :columns]
     return canvas
+
+
+def _message(axis, text: str, width: int) -> None:
+    """A skipped part's reason, wrapped to the panel, in place of its curves."""
+    wrapped = textwrap.fill(text, width=max(40, width // 8), max_lines=4, placeholder=" ... (see the report)")
+    axis.text(0.5, 0.5, wrapped, ha="center", va="center", fontsize=8, transform=axis.transAxes)
+    axis.set_yticks([])
 
 
 def plot_evaluation(evaluation: Evaluation, width: int = 1280, height: int = 960) -> np.ndarray:
@@ -53,8 +62,7 @@ def plot_evaluation(evaluation: Evaluation, width: int = 1280, height: int = 960
                                   label="below threshold")
         identity_axis.legend(fontsize=7, loc="lower right")
     else:
-        identity_axis.text(0.5, 0.5, f"identity {evaluation.identity_note}"[:160], ha="center", va="center",
-                           fontsize=8, wrap=True, transform=identity_axis.transAxes)
+        _message(identity_axis, f"identity {evaluation.identity_note}", width)
     identity_axis.set_title("identity similarity", fontsize=9, loc="left")
 
     if evaluation.errors is not None:
@@ -62,8 +70,7 @@ def plot_evaluation(evaluation: Evaluation, width: int = 1280, height: int = 960
             error_axis.plot(seconds[: errors.shape[0]], errors, linewidth=1.0, label=LABELS[name])
         error_axis.legend(fontsize=7, loc="upper right", ncol=4)
     else:
-        error_axis.text(0.5, 0.5, f"expression fidelity {evaluation.fidelity_note}"[:160], ha="center",
-                        va="center", fontsize=8, transform=error_axis.transAxes)
+        _message(error_axis, f"expression fidelity {evaluation.fidelity_note}", width)
     error_axis.set_title("expression error (relative to the driving motion)", fontsize=9, loc="left")
 
     if evaluation.changes.size:

@@ -39,6 +39,8 @@ NEUTRALS = (FIRST_FRAME, MEAN, REFERENCE)
 # How two performances of different lengths are brought to one: both cut to the shorter, or the shorter one
 # repeated from its start, played forth and back, or held at its last frame up to the longer one's length.
 LENGTH_MODES = ("trim", "loop", "ping-pong", "hold")
+_RECONCILED = {"trim": "both cut to the shorter", "loop": "the shorter one repeated from its start",
+               "ping-pong": "the shorter one played forth and back", "hold": "the shorter one held at its last frame"}
 LOOP_MODES = ("ping-pong", "repeat")
 MAX_STRENGTH = 10.0
 
@@ -250,8 +252,7 @@ def combine(first: ExpressionFeatures, second: ExpressionFeatures, take: Mapping
         first_index = extension_index(first_count, count, lengths)
         second_index = extension_index(second_count, count, lengths)
     reconciled = (f"lengths: first {first_count}, second {second_count} frames -> {count}"
-                  + ("" if first_count == second_count else
-                     f" ({'both cut to the shorter' if lengths == 'trim' else f'the shorter {lengths}'})"))
+                  + ("" if first_count == second_count else f" ({_RECONCILED[lengths]})"))
     features = first.features[first_index].clone()
     for name in taken:
         features[:, COMPONENTS[name]] = second.features[second_index][:, COMPONENTS[name]]
