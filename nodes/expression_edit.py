@@ -12,7 +12,7 @@ from comfy_api.latest import io
 from ..flashportrait_core.expression.edit import (FIRST_FRAME, LENGTH_MODES, LOOP_MODES, NEUTRALS, REFERENCE,
                                                   change_speed, combine, lock_head_pose, scale_components, trim)
 from ..flashportrait_core.expression.edit import loop as loop_performance
-from ..flashportrait_core.expression.extract import extract_expression_features, to_uint8
+from ..flashportrait_core.expression.extract import extract_expression_features
 from ..flashportrait_core.expression.performance_file import describe
 from ..flashportrait_core.validation import InputError, require_image_batch
 from . import types
@@ -25,17 +25,33 @@ COMPONENT_INPUTS = {"head_pose": "head pose (6 values: rotation and position)", 
                     "emotion": "emotion (30 values)", "mouth": "mouth (512 values: lips and jaw)"}
 
 
+class _FaceSeen:
+    """The face backend, noting whether it found a face: extraction's own error speaks of driving frames."""
+
+    def __init__(self, backend) -> None:
+        self.backend, self.found = backend, False
+
+    def detect(self, frames, reset: bool = True):
+        track = self.backend.detect(frames, reset=reset)
+        self.found |= bool(track.found.any())
+        return track
+
+
 def reference_features(expression_model, reference_image: torch.Tensor) -> torch.Tensor:
     """The reference portrait's own expression features [554], extracted with the same model and face backend
     as the driving video (first image of the batch)."""
     require_image_batch("reference_image", reference_image)
-    image = reference_image[:1, :, :, :3].float().clamp(0.0, 1.0)
     with _Extraction(expression_model, 1) as run:
-        if not run.backend.detect(to_uint8(image), reset=True).found[0]:
+        backend = _FaceSeen(run.backend)
+        try:
+            result = extract_expression_features(reference_image[:1], run.encoder, backend, batch_size=1,
+                                                 smoothing=0.0, on_progress=run.on_progress,
+                                                 should_stop=run.should_stop)
+        except ValueError:
+            if backend.found:
+                raise
             raise InputError(f"no face found in reference_image by {run.choice.description}; use a portrait with the "
-                             "face clearly visible, or choose a neutral from the driving video")
-        result = extract_expression_features(image, run.encoder, run.backend, batch_size=1, smoothing=0.0,
-                                             on_progress=run.on_progress, should_stop=run.should_stop)
+                             "face clearly visible, or choose a neutral from the driving video") from None
     return result.features[0]
 
 
@@ -85,7 +101,8 @@ class FlashPortraitEditExpressions(io.ComfyNode):
                 expression_model=None) -> io.NodeOutput:
         strengths = {"head_pose": head_pose, "eyes": eyes, "emotion": emotion, "mouth": mouth}
         wanted = [reason for reason, on in (("relative_motion", relative_motion), ("pose_lock", pose_lock),
-                                            (f"neutral '{REFERENCE}'", neutral == REFERENCE and not relative_motion))
+                                            (f"neutral '{REFERENCE}'", neutral == REFERENCE and not relative_motion
+                                             and any(value != 1.0 for value in strengths.values())))
                   if on]
         reference = None
         if wanted:
