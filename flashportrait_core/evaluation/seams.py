@@ -22,27 +22,36 @@ _TINY_CHANGE = 1e-6
 
 class FrameChanges:
     """The mean absolute difference (colour values in [0, 1]) between each frame and the next, fed chunk by chunk
-    (uint8, or float in [0, 1]); only the last frame of the previous chunk is kept."""
+    (uint8, or float in [0, 1]); only the last frame of the previous chunk is kept.
+
+    Frame by frame into two reused buffers: whole-chunk temporaries of varying size grew the process's memory
+    with the video's length (the allocator kept them fragmented)."""
 
     def __init__(self) -> None:
         self._last: torch.Tensor | None = None
-        self._values: list[np.ndarray] = []
+        self._current: torch.Tensor | None = None
+        self._difference: torch.Tensor | None = None
+        self._values: list[float] = []
 
     def add(self, chunk: torch.Tensor) -> None:
-        frames = chunk[..., :3]
-        scale = 255.0 if frames.dtype == torch.uint8 else 1.0
-        frames = frames.to(torch.int16) if frames.dtype == torch.uint8 else frames.float()
-        sequence = frames if self._last is None else torch.cat([self._last[None], frames])
-        if sequence.shape[0] > 1:
-            differences = (sequence[1:] - sequence[:-1]).abs()
-            per_frame = differences.sum(dim=(1, 2, 3), dtype=torch.float64) / (differences[0].numel() * scale)
-            self._values.append(per_frame.numpy())
-        self._last = frames[-1].clone()
+        scale = 255.0 if chunk.dtype == torch.uint8 else 1.0
+        for frame in chunk[..., :3]:
+            if self._last is None:
+                work_dtype = torch.int16 if chunk.dtype == torch.uint8 else torch.float32
+                self._last, self._current, self._difference = (torch.empty(frame.shape, dtype=work_dtype)
+                                                               for _ in range(3))
+                self._last.copy_(frame)
+                continue
+            self._current.copy_(frame)
+            torch.sub(self._current, self._last, out=self._difference).abs_()
+            total = float(self._difference.sum(dtype=torch.float64))
+            self._values.append(total / (self._difference.numel() * scale))
+            self._last, self._current = self._current, self._last
 
     @property
     def values(self) -> np.ndarray:
         """[frames - 1]: entry t is the change from frame t to frame t + 1."""
-        return np.concatenate(self._values) if self._values else np.zeros(0)
+        return np.asarray(self._values, dtype=np.float64)
 
 
 def output_plan(frame_count: int, first_decoded_frame: int, window_length: int, overlap: int) -> WindowPlan:
