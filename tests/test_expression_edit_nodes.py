@@ -122,3 +122,15 @@ def test_a_loaded_performance_conditions_like_the_extracted_one(expressions_fold
     extracted = node.execute(expressions=driving(), portrait_encoder=portrait_encoder, ip_scale=1.0, emo_cfg=4.0,
                              text_cfg=1.0).result[0]
     assert torch.equal(from_file.latent_tokens_for(0, 2), extracted.latent_tokens_for(0, 2))
+
+
+@pytest.mark.parametrize("node", ["FlashPortraitEditExpressions", "FlashPortraitCombineExpressions",
+                                  "FlashPortraitRetimeExpressions", "FlashPortraitSaveExpressions",
+                                  "FlashPortraitLoadExpressions", "FlashPortraitEvaluate"])
+def test_every_input_has_a_tooltip(node: str) -> None:
+    classes = {cls.__name__: cls for module in (edit_nodes, file_nodes, pack.nodes.evaluate)
+               for cls in vars(module).values() if isinstance(cls, type)}
+    info = classes[node].GET_NODE_INFO_V1()
+    inputs = {**info["input"]["required"], **info["input"].get("optional", {})}
+    untold = [name for name, spec in inputs.items() if not (len(spec) > 1 and spec[1].get("tooltip"))]
+    assert untold == [] and info["description"] and info["category"] == "FlashPortrait"

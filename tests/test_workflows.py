@@ -15,7 +15,8 @@ pytestmark = pytest.mark.graph
 
 def test_workflows_are_shipped():
     assert [p.name for p in WORKFLOWS] == ["flashportrait_basic.json", "flashportrait_compare.json",
-                                           "flashportrait_fast.json", "flashportrait_long.json"]
+                                           "flashportrait_edit.json", "flashportrait_fast.json",
+                                           "flashportrait_long.json"]
 
 
 @pytest.mark.parametrize("unmute", [False, True], ids=["as-shipped", "muted-nodes-enabled"])
