@@ -128,6 +128,7 @@ def test_a_loaded_performance_conditions_like_the_extracted_one(expressions_fold
                                   "FlashPortraitRetimeExpressions", "FlashPortraitSaveExpressions",
                                   "FlashPortraitLoadExpressions", "FlashPortraitEvaluate"])
 def test_every_input_has_a_tooltip(node: str) -> None:
+    pack.nodes.register_model_folders()  # as ComfyUI's entry point does before the schemas are read
     classes = {cls.__name__: cls for module in (edit_nodes, file_nodes, pack.nodes.evaluate)
                for cls in vars(module).values() if isinstance(cls, type)}
     info = classes[node].GET_NODE_INFO_V1()
