@@ -147,6 +147,10 @@ class FlashPortraitEvaluate(io.ComfyNode):
                 identity_note=identity_note, windows=window_settings, driving_offset=driving_offset,
                 threshold=identity_threshold, on_progress=run.on_progress, should_stop=run.should_stop)
         report = evaluation_report(evaluation)
+        extracted_with = (driving_expressions.face_backend or "").split(" ")[0].strip(",")
+        if extracted_with and extracted_with != run.choice.name:
+            report += (f"\nthe driving expressions were extracted with {extracted_with} faces, this evaluation finds "
+                       f"them with {run.choice.name}: use the same expression model for an exact comparison")
         if typed_path:
             report = f"{os.path.basename(path)}: {report}"
         logging.info("FlashPortrait Evaluate: %s", report)

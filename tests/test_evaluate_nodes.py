@@ -2,6 +2,7 @@
 read from the output folder (and nothing outside ComfyUI's folders), clear errors, interruption."""
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -69,12 +70,16 @@ def test_identity_with_the_users_pack(models_dir: Path, expression_model) -> Non
 
 def test_without_a_pack_identity_is_skipped_naming_the_file(models_dir: Path, expression_model) -> None:
     assert evaluate.recognition_choices() == ["auto"]
-    _, report = _run(expression_model, output_frames=driving_frames())
+    other_extractor = dataclasses.replace(driving(), face_backend="insightface (buffalo_l/det_10g.onnx), chosen by auto")
+    _, report = _run(expression_model, output_frames=driving_frames(), driving_expressions=other_extractor)
     identity = report.splitlines()[2]
     assert identity.startswith("identity: skipped: no face-recognition model found: add w600k_r50.onnx (from "
                                "insightface's buffalo_l pack) to ")
     assert str(models_dir / "insightface" / "models" / "buffalo_l") in identity and "glintr100.onnx" in identity
     assert "expression fidelity on 8 frames" in report.splitlines()[3]
+    assert report.splitlines()[-1] == ("the driving expressions were extracted with insightface faces, this evaluation "
+                                       "finds them with mediapipe: use the same expression model for an exact "
+                                       "comparison")
 
 
 def test_the_written_file_is_read_from_the_output_folder(output_dir: Path, models_dir: Path,
