@@ -74,7 +74,8 @@ class FlashPortraitEditExpressions(io.ComfyNode):
                                        "the driving video's first frame, its mean over time, or the reference "
                                        "portrait's own features (needs reference_image and expression_model)."),
                 *[io.Float.Input(name, default=1.0, min=0.0, max=MAX_STRENGTH_WIDGET, step=0.05,
-                                 tooltip=STRENGTH_TOOLTIP.format(what=what)) for name, what in COMPONENT_INPUTS.items()],
+                                 tooltip=STRENGTH_TOOLTIP.format(what=what))
+                  for name, what in COMPONENT_INPUTS.items()],
                 io.Boolean.Input("relative_motion", default=False,
                                  tooltip="Apply the driving video's changes since its first frame onto the reference "
                                          "portrait's own expression (frame t = reference + strength x (driving t - "

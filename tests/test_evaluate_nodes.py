@@ -70,7 +70,8 @@ def test_identity_with_the_users_pack(models_dir: Path, expression_model) -> Non
 
 def test_without_a_pack_identity_is_skipped_naming_the_file(models_dir: Path, expression_model) -> None:
     assert evaluate.recognition_choices() == ["auto"]
-    other_extractor = dataclasses.replace(driving(), face_backend="insightface (buffalo_l/det_10g.onnx), chosen by auto")
+    other_extractor = dataclasses.replace(driving(),
+                                          face_backend="insightface (buffalo_l/det_10g.onnx), chosen by auto")
     _, report = _run(expression_model, output_frames=driving_frames(), driving_expressions=other_extractor)
     identity = report.splitlines()[2]
     assert identity.startswith("identity: skipped: no face-recognition model found: add w600k_r50.onnx (from "

@@ -8,9 +8,9 @@ import torch
 
 from flashportrait_core.conditioning.emotion_conditioning import build_emotion_conditioning
 from flashportrait_core.conditioning.portrait_encoder import load_portrait_encoder, random_portrait_encoder_state_dict
-from flashportrait_core.expression.edit import (COMPONENTS, FIRST_FRAME, LABELS, MEAN, NEUTRALS, REFERENCE, change_speed,
-                                                combine, extension_index, lock_head_pose, loop, neutral_features,
-                                                scale_components, trim)
+from flashportrait_core.expression.edit import (COMPONENTS, FIRST_FRAME, LABELS, MEAN, NEUTRALS, REFERENCE,
+                                                change_speed, combine, extension_index, lock_head_pose, loop,
+                                                neutral_features, scale_components, trim)
 from flashportrait_core.expression.resample import resample_expressions
 from real_performances import DRIVING_FRAMES, TALKING_FRAMES, driving, reference_features, talking
 

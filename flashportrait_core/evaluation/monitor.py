@@ -19,15 +19,15 @@ import numpy as np
 import torch
 
 from ..expression.alignment import similarity_to_template
-from ..expression.extract import ExpressionFeatures, align_chunk, encoder_device, stabilize_track, track_faces
+# Extraction's progress: each frame counted twice (detection, then encoding).
+from ..expression.extract import _Progress as TwoPassProgress
+from ..expression.extract import (ExpressionFeatures, ProgressCallback, StopCallback, align_chunk, encoder_device,
+                                  stabilize_track, track_faces)
 from ..expression.face_track import FaceBackend
 from ..expression.pdfgc import FEATURE_DIM, FanEncoder, expression_features
 from .fidelity import component_errors, component_spreads, relative_errors
 from .identity import RecognitionModel, arcface_crops, cosine_similarity
 from .seams import FrameChanges, boundary_transitions, output_plan, seam_ratios
-
-ProgressCallback = Callable[[int, int], None]
-StopCallback = Callable[[], None]
 
 
 @dataclass
@@ -49,17 +49,6 @@ class Evaluation:
     seam_ratios: list[float] = field(default_factory=list)
     seam_note: str = ""
     notes: list[str] = field(default_factory=list)
-
-
-class _Progress:
-    def __init__(self, expected: int, on_progress: ProgressCallback | None) -> None:
-        self.total, self.done, self.on_progress = 2 * max(expected, 1), 0, on_progress
-
-    def __call__(self, count: int) -> None:
-        self.done += count
-        self.total = max(self.total, self.done)
-        if self.on_progress is not None:
-            self.on_progress(self.done, self.total)
 
 
 def reference_embedding(image: np.ndarray, backend: FaceBackend, recognition: RecognitionModel) -> np.ndarray | None:
@@ -93,7 +82,7 @@ def evaluate_output(
     `identity_note` as the reason; without `windows` the seam check is skipped."""
     if driving_offset < 0:
         raise ValueError(f"driving_offset must be 0 or more, got {driving_offset}")
-    progress = _Progress(expected_frames, on_progress)
+    progress = TwoPassProgress(expected_frames, on_progress)
     reference = None
     if recognition is not None and reference_image is not None:
         reference = reference_embedding(reference_image, backend, recognition)
@@ -117,7 +106,7 @@ def evaluate_output(
             result.similarity = np.full(count, np.nan)
             result.identity_note = f"{recognition.description}; no face in any output frame"
         return result
-    progress.total, progress.done = 2 * count, count  # the real count is known after the first pass
+    progress.finish_first_pass(count)
     stable = stabilize_track(track, fps, driving.smoothing)
     transforms = similarity_to_template(torch.from_numpy(stable.points).to(torch.float64))
     points = torch.from_numpy(stable.points)
