@@ -24,29 +24,29 @@ class FrameChanges:
     """The mean absolute difference (colour values in [0, 1]) between each frame and the next, fed chunk by chunk
     (uint8, or float in [0, 1]); only the last frame of the previous chunk is kept.
 
-    Frame by frame into two reused buffers: whole-chunk temporaries of varying size grew the process's memory
-    with the video's length (the allocator kept them fragmented)."""
+    Frame by frame into reused buffers (whole-chunk temporaries of varying size grew the process's memory with
+    the video's length), in NumPy: these small element-wise steps ran ~90x faster there than in torch on a busy
+    2-core CPU."""
 
     def __init__(self) -> None:
-        self._last: torch.Tensor | None = None
-        self._current: torch.Tensor | None = None
-        self._difference: torch.Tensor | None = None
+        self._last: np.ndarray | None = None
+        self._difference: np.ndarray | None = None
         self._values: list[float] = []
 
     def add(self, chunk: torch.Tensor) -> None:
-        scale = 255.0 if chunk.dtype == torch.uint8 else 1.0
-        for frame in chunk[..., :3]:
+        frames = chunk[..., :3].detach().cpu().numpy()
+        scale = 255.0 if frames.dtype == np.uint8 else 1.0
+        work_dtype = np.int16 if frames.dtype == np.uint8 else np.float32
+        for frame in frames:
             if self._last is None:
-                work_dtype = torch.int16 if chunk.dtype == torch.uint8 else torch.float32
-                self._last, self._current, self._difference = (torch.empty(frame.shape, dtype=work_dtype)
-                                                               for _ in range(3))
-                self._last.copy_(frame)
-                continue
-            self._current.copy_(frame)
-            torch.sub(self._current, self._last, out=self._difference).abs_()
-            total = float(self._difference.sum(dtype=torch.float64))
-            self._values.append(total / (self._difference.numel() * scale))
-            self._last, self._current = self._current, self._last
+                self._last = np.empty(frame.shape, dtype=frame.dtype)
+                self._difference = np.empty(frame.shape, dtype=work_dtype)
+            else:
+                np.subtract(frame, self._last, out=self._difference, dtype=work_dtype)
+                np.abs(self._difference, out=self._difference)
+                total = float(self._difference.sum(dtype=np.float64))
+                self._values.append(total / (self._difference.size * scale))
+            np.copyto(self._last, frame)
 
     @property
     def values(self) -> np.ndarray:
