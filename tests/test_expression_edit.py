@@ -148,6 +148,11 @@ def test_combination_offset_delays_or_advances_the_second() -> None:
     assert torch.equal(_part(delayed.features, "emotion"), _part(second.features[index], "emotion"))
     advanced, _ = combine(first, second, {"emotion": "second"}, "trim", second_offset=-2)
     assert torch.equal(_part(advanced.features, "emotion"), _part(second.features[2:], "emotion"))
+    edited_second = scale_components(second, {"mouth": 0.5}, MEAN)
+    combined, _ = combine(first, edited_second, {"mouth": "second"}, "trim", second_offset=2)
+    assert combined.edits == ["mouth from second.mp4 (delayed by 2 frames); its edits: strength head pose x1, eyes "
+                              "x1, emotion x1, mouth x0.5 around the driving mean; lengths: first 8, second 10 frames "
+                              "-> 8 (both cut to the shorter)"]
     with pytest.raises(ValueError, match="second_offset -8 drops all 8 frames"):
         combine(first, second, {"emotion": "second"}, "trim", second_offset=-8)
 

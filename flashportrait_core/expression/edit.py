@@ -235,7 +235,7 @@ def combine(first: ExpressionFeatures, second: ExpressionFeatures, take: Mapping
     taken = [name for name in COMPONENTS if take.get(name) == "second"]
     if not taken:
         return first, "nothing taken from the second performance (every component is 'first')"
-    steps = []
+    steps, second_edits = [], list(second.edits)
     if abs(second.fps - first.fps) > 1e-6 * max(first.fps, 1.0):
         before, before_fps = second.features.shape[0], second.fps
         second = resample_expressions(second, first.fps)
@@ -258,11 +258,11 @@ def combine(first: ExpressionFeatures, second: ExpressionFeatures, take: Mapping
         features[:, COMPONENTS[name]] = second.features[second_index][:, COMPONENTS[name]]
     found = first.found[first_index] & second.found[second_index]
     source = second.source or "second performance"
-    second_edits = f"; its edits: {'; '.join(second.edits)}" if second.edits else ""
     edit = (f"{', '.join(LABELS[name] for name in taken)} from {source}"
-            + (f" ({', '.join(steps)})" if steps else "") + f"{second_edits}; {reconciled}")
-    base = first if first_index.numel() == first_count and bool((first_index == torch.arange(first_count)).all()) \
-        else _take_frames(first, first_index, f"frames {lengths} to {count}")
+            + (f" ({', '.join(steps)})" if steps else "")
+            + (f"; its edits: {'; '.join(second_edits)}" if second_edits else "") + f"; {reconciled}")
+    # Every reconciliation keeps frames 0..count-1 in order when it does not change the first's length.
+    base = first if count == first_count else _take_frames(first, first_index, "")
     result = dataclasses.replace(base, features=features, found=found,
                                  filled_frames=torch.nonzero(~found).flatten().tolist(),
                                  edits=[*first.edits, edit], notes=list(first.notes))
