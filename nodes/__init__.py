@@ -11,6 +11,7 @@ from .evaluate import FlashPortraitEvaluate
 from .expression_edit import (FlashPortraitCombineExpressions, FlashPortraitEditExpressions,
                               FlashPortraitRetimeExpressions)
 from .expression_files import FlashPortraitLoadExpressions, FlashPortraitSaveExpressions
+from .guider_nodes import FlashPortraitGuiderNode, FlashPortraitSchedule
 from .expressions import (FlashPortraitExtractExpressions, FlashPortraitExtractExpressionsFromVideo,
                           FlashPortraitPlotExpressions, FlashPortraitPreviewFaces)
 from .loaders import (FlashPortraitExpressionModelLoader, FlashPortraitModelLoader,
@@ -43,6 +44,8 @@ class FlashPortraitExtension(ComfyExtension):
             FlashPortraitEmotionConditioning,
             FlashPortraitWindows,
             FlashPortraitSampler,
+            FlashPortraitGuiderNode,
+            FlashPortraitSchedule,
             FlashPortraitDecodeToVideo,
             FlashPortraitSaveConditioning,
             FlashPortraitLoadConditioning,

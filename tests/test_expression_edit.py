@@ -196,5 +196,5 @@ def test_edited_performances_go_to_the_emotion_conditioning_unchanged() -> None:
     changed = build_emotion_conditioning(encoder, edited.features[:5], 1.0, 4.0, 1.0)
     same = build_emotion_conditioning(encoder, scale_components(performance, {}).features[:5], 1.0, 4.0, 1.0)
     assert changed.num_latent_frames == plain.num_latent_frames == 2
-    assert not torch.equal(changed.latent_tokens_for(0, 2), plain.latent_tokens_for(0, 2))
-    assert torch.equal(same.latent_tokens_for(0, 2), plain.latent_tokens_for(0, 2))
+    assert not torch.equal(changed.window_tokens(0, 2), plain.window_tokens(0, 2))
+    assert torch.equal(same.window_tokens(0, 2), plain.window_tokens(0, 2))

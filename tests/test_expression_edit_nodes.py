@@ -121,7 +121,7 @@ def test_a_loaded_performance_conditions_like_the_extracted_one(expressions_fold
                              text_cfg=1.0).result[0]
     extracted = node.execute(expressions=driving(), portrait_encoder=portrait_encoder, ip_scale=1.0, emo_cfg=4.0,
                              text_cfg=1.0).result[0]
-    assert torch.equal(from_file.latent_tokens_for(0, 2), extracted.latent_tokens_for(0, 2))
+    assert torch.equal(from_file.window_tokens(0, 2), extracted.window_tokens(0, 2))
 
 
 @pytest.mark.parametrize("node", ["FlashPortraitEditExpressions", "FlashPortraitCombineExpressions",
