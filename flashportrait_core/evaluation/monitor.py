@@ -130,6 +130,9 @@ def evaluate_output(
             similarity[start + rows] = cosine_similarity(recognition.embed(crops), reference)
         progress(stop - start)
         start = stop
+    if start < count:
+        raise ValueError(f"the output video yielded {start} frames on the second pass but {count} on the first; the "
+                         "file changed while it was read: evaluate it again once it is written")
     if reference is not None:
         result.similarity = similarity
         result.identity_note = recognition.description
