@@ -49,6 +49,11 @@ class _Extraction:
     def report(self, expressions) -> str:
         return f"{expressions.report()}; faces: {self.choice.description}"
 
+    def label(self, expressions):
+        """The expressions with the face backend that found them recorded (kept when they are saved)."""
+        expressions.face_backend = self.choice.description
+        return expressions
+
     def on_progress(self, done: int, total: int) -> None:
         self.progress.update_absolute(done, total)
 
@@ -96,6 +101,7 @@ class FlashPortraitExtractExpressions(io.ComfyNode):
             expressions = extract_expression_features(
                 driving_frames, run.encoder, run.backend, batch_size=batch_size, smoothing=smoothing,
                 fps=float(fps) if fps else 25.0, on_progress=run.on_progress, should_stop=run.should_stop)
+            run.label(expressions)
         return io.NodeOutput(expressions, run.report(expressions))
 
 
@@ -195,6 +201,7 @@ class FlashPortraitExtractExpressionsFromVideo(io.ComfyNode):
                 file_path, run.encoder, run.backend, batch_size=batch_size, smoothing=smoothing,
                 max_frames=max_frames or None, target_fps=target_fps or None,
                 on_progress=run.on_progress, should_stop=run.should_stop)
+            run.label(expressions)
         return io.NodeOutput(expressions, float(expressions.fps), int(expressions.features.shape[0]),
                              f"{os.path.basename(file_path)}: {run.report(expressions)}")
 

@@ -43,6 +43,8 @@ class ExpressionFeatures:
     was seen), or None when the backend has none (insightface SCRFD without 2d106det).
     point_filter: the temporal filter the face backend applied itself (flashportrait: the published landmark
     filter), when it has one; `smoothing` is then 0, as no filter of ours is added.
+    source: the driving video's file name ("" for frames); face_backend: the backend that found the faces, as the
+    report names it; edits: one line per edit applied since extraction (expression/edit.py), kept when saved.
     """
 
     features: torch.Tensor
@@ -58,6 +60,9 @@ class ExpressionFeatures:
     notes: list[str] = field(default_factory=list)
     landmarks: torch.Tensor | None = None
     point_filter: str = ""
+    source: str = ""
+    face_backend: str = ""
+    edits: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.source_frames:
@@ -368,6 +373,7 @@ def extract_expression_features_from_video(
     result = _result(stable, features, info.fps, smoothing, (info.height, info.width), point_filter)
     if info.frame_count_exact and max_frames is None and info.frame_count != result.source_frames:
         result.notes.append(f"the container states {info.frame_count} frames, {result.source_frames} decoded")
+    result.source = os.path.basename(info.path)
     if target_fps:
         result = resample_expressions(result, float(target_fps))
     return result
