@@ -163,42 +163,9 @@ class FlashPortraitGuider(comfy.samplers.CFGGuider):
     def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
                seed=None):
         started = time.perf_counter()
-        if latent_image.ndim != 5 or latent_image.shape[2] != self.emotion.num_latent_frames:
-            frames = latent_image.shape[2] if latent_image.ndim == 5 else "no"
-            raise ValueError(f"the latent has {frames} latent frames but the emotion conditioning drives "
-                             f"{self.emotion.num_latent_frames} ({self.emotion.num_video_frames} video frames); "
-                             f"use the latent output of FlashPortrait Guider (or a latent made for the same "
-                             f"driving video)")
-        self._plan = self.plan(latent_image.shape[2])
-        if self.alp is not None and not is_euler(sampler):
-            raise ValueError("ALP (acceleration) forecasts the skipped steps of an Euler trajectory, so it runs "
-                             "only with the euler sampler: choose euler in KSamplerSelect, or set acceleration "
-                             "to off to use another sampler")
-        height, width = latent_image.shape[-2] * 8, latent_image.shape[-1] * 8
-        self._concat = self._reference(height, width, self._plan.window_length)
-        model_sigmas = sigmas.detach().cpu().double()
-        self._sigmas = model_sigmas
-        self.report = SamplingReport(windows=list(self._plan.windows), steps=len(sigmas) - 1, passes=self.passes,
-                                     model_passes=[0] * len(self._plan.windows),
-                                     sampler=sampler_name(sampler),
-                                     notes=list(self.condition_notes))
-        self._states = [new_window_state(model_sigmas, self.alp) for _ in self._plan.windows] if self.alp else []
-        self.report.alp_states = self._states
-        self._previous_outputs = [None] * len(self._plan.windows)
-        self._blocks = probe_blocks(len(self.model_patcher.model.diffusion_model.blocks))
-        self._session = ResumeSession.open(self, noise, latent_image, sampler, model_sigmas, seed)
+        self._refuse_unusable(latent_image, sampler)
+        self._start_run(noise, latent_image, sampler, sigmas, seed)
         sampler, callback = self._session.resumed_sampler(sampler, callback)
-        transformer_options = self.model_options.get("transformer_options", {})
-        if "easycache" in transformer_options:
-            raise ValueError(f"{type(transformer_options['easycache']).__name__} (EasyCache / LazyCache node) cannot "
-                             f"apply to FlashPortrait's windows: it keeps one cached residual per condition and one "
-                             f"skip decision per step, but every window evaluates the same conditions, so it would "
-                             f"reuse another window's residual. Remove it and use the acceleration setting (ALP), "
-                             f"which forecasts each window separately")
-        if any(name in self.model_options for name in _CFG_PATCHES):
-            self.report.notes.append("model patches that replace ComfyUI's two-condition CFG were not applied "
-                                     "(FlashPortrait combines its own guidance passes)")
-        self._denoise_started = None
         out_of_memory = None
         try:
             with portrait_encoder_on(self.model_patcher.load_device, self.emotion):
@@ -207,7 +174,8 @@ class FlashPortraitGuider(comfy.samplers.CFGGuider):
         except comfy.model_management.OOM_EXCEPTION as error:
             if isinstance(error, SamplingOutOfMemory):
                 raise
-            out_of_memory = out_of_memory_message(error, self._plan, height, width)
+            out_of_memory = out_of_memory_message(error, self._plan, latent_image.shape[-2] * 8,
+                                                  latent_image.shape[-1] * 8)
             # The traceback's frames hold the activations and latents of the failed step: drop them, then the cache.
             traceback.clear_frames(error.__traceback__)
             del error
@@ -221,6 +189,46 @@ class FlashPortraitGuider(comfy.samplers.CFGGuider):
         if self.report_node_id is not None:
             send_report(self.report_node_id, self.report)
         return output
+
+    def _refuse_unusable(self, latent_image: torch.Tensor, sampler) -> None:
+        """What this guider cannot sample, refused before anything is encoded or written."""
+        if latent_image.ndim != 5 or latent_image.shape[2] != self.emotion.num_latent_frames:
+            frames = latent_image.shape[2] if latent_image.ndim == 5 else "no"
+            raise ValueError(f"the latent has {frames} latent frames but the emotion conditioning drives "
+                             f"{self.emotion.num_latent_frames} ({self.emotion.num_video_frames} video frames); "
+                             f"use the latent output of FlashPortrait Guider (or a latent made for the same "
+                             f"driving video)")
+        if self.alp is not None and not is_euler(sampler):
+            raise ValueError("ALP (acceleration) forecasts the skipped steps of an Euler trajectory, so it runs "
+                             "only with the euler sampler: choose euler in KSamplerSelect, or set acceleration "
+                             "to off to use another sampler")
+        cache = self.model_options.get("transformer_options", {}).get("easycache")
+        if cache is not None:
+            raise ValueError(f"{type(cache).__name__} (EasyCache / LazyCache node) cannot apply to FlashPortrait's "
+                             f"windows: it keeps one cached residual per condition and one skip decision per step, "
+                             f"but every window evaluates the same conditions, so it would reuse another window's "
+                             f"residual. Remove it and use the acceleration setting (ALP), which forecasts each "
+                             f"window separately")
+
+    def _start_run(self, noise: torch.Tensor, latent_image: torch.Tensor, sampler, sigmas: torch.Tensor,
+                   seed: int | None) -> None:
+        """The run's window plan, reference condition, report, ALP states and resume session."""
+        self._plan = self.plan(latent_image.shape[2])
+        self._concat = self._reference(latent_image.shape[-2] * 8, latent_image.shape[-1] * 8,
+                                       self._plan.window_length)
+        self._sigmas = sigmas.detach().cpu().double()
+        self.report = SamplingReport(windows=list(self._plan.windows), steps=len(sigmas) - 1, passes=self.passes,
+                                     model_passes=[0] * len(self._plan.windows), sampler=sampler_name(sampler),
+                                     notes=list(self.condition_notes))
+        if any(name in self.model_options for name in _CFG_PATCHES):
+            self.report.notes.append("model patches that replace ComfyUI's two-condition CFG were not applied "
+                                     "(FlashPortrait combines its own guidance passes)")
+        self._states = [new_window_state(self._sigmas, self.alp) for _ in self._plan.windows] if self.alp else []
+        self.report.alp_states = self._states
+        self._previous_outputs = [None] * len(self._plan.windows)
+        self._blocks = probe_blocks(len(self.model_patcher.model.diffusion_model.blocks))
+        self._denoise_started = None
+        self._session = ResumeSession.open(self, noise, latent_image, sampler, self._sigmas, seed)
 
     def _reference(self, height: int, width: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference as every window's image-to-video condition at this size (encoded once per size)."""
