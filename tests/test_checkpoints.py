@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from flashportrait_core.checkpoints import (CheckpointError, convert_to_safetensors, describe_dit,
                                             identify_checkpoint, load_state_dict, merge_flashportrait_dit,
-                                            preferred_checkpoint, split_emotion_projections, strip_dit_prefix)
+                                            split_emotion_projections, strip_dit_prefix)
 from flashportrait_core import checkpoints
 from scripts import convert_checkpoint as convert_cli
 
@@ -146,21 +146,6 @@ def test_converter_cli_refuses_a_malicious_pickle(tmp_path, capsys):
     assert convert_cli.main([str(bad)]) == 1
     assert "refused" in capsys.readouterr().err
     assert not marker.exists() and not (tmp_path / "bad.safetensors").exists()
-
-
-def test_loaders_prefer_the_safetensors_twin_of_a_pickle(tmp_path):
-    torch.save({"state_dict": _overlay()}, tmp_path / "transformer.pt")
-    assert preferred_checkpoint(tmp_path / "transformer.pt") == tmp_path / "transformer.pt"  # no twin yet
-    twin = convert_to_safetensors(tmp_path / "transformer.pt")
-    assert preferred_checkpoint(tmp_path / "transformer.pt") == twin
-    assert preferred_checkpoint(twin) == twin
-    torch.save(_overlay(), tmp_path / "other.pth")
-    assert preferred_checkpoint(tmp_path / "other.pth") == tmp_path / "other.pth"  # another stem is no twin
-    # A twin is read without unpickling: a pickle that would run code is never opened once converted.
-    marker = tmp_path / "payload_ran"
-    torch.save({"payload": WritesMarker(marker)}, tmp_path / "transformer.pt")
-    loaded = load_state_dict(preferred_checkpoint(tmp_path / "transformer.pt"))
-    assert loaded.keys() == _overlay().keys() and not marker.exists()
 
 
 def test_failed_conversion_leaves_no_partial_file(tmp_path, monkeypatch):
