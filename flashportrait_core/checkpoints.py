@@ -202,15 +202,12 @@ def plan_flashportrait_dit(flashportrait: dict[str, torch.Tensor], wan_base: dic
     overlay = {k: fk for k, fk in fp_bare.items() if fk not in emotion_file_keys}
     weights: dict[str, tuple[str, str]] = {}
     if wan_base is None:
-        if "head.modulation" not in overlay or "blocks.0.self_attn.q.weight" not in overlay:
-            raise CheckpointError(f"{flashportrait_name} holds only FlashPortrait's emotion projections, no Wan "
-                                  f"DiT weights: select the Wan 2.1 I2V 14B model in wan_model")
-        arch = describe_dit({k: flashportrait[fk] for k, fk in overlay.items()})
-        missing = missing_wan_i2v_keys(overlay, arch["num_blocks"])
+        missing = missing_wan_i2v_keys(overlay, max(emotion) + 1)
         if missing:
-            raise CheckpointError(f"{flashportrait_name} holds only part of the Wan DiT ({len(missing)} weights "
-                                  f"missing, e.g. {missing[:3]}): select the Wan 2.1 I2V 14B model in wan_model to "
-                                  f"lay it over")
+            raise CheckpointError(f"{flashportrait_name} holds only part of the Wan DiT ({len(overlay)} weights, "
+                                  f"{len(missing)} missing, e.g. {missing[:3]}): select the Wan 2.1 I2V 14B model "
+                                  f"in wan_model to lay it over")
+        arch = describe_dit({k: flashportrait[fk] for k, fk in overlay.items()})
         _check_image_to_video(arch, flashportrait_name)
         base_shapes: dict[str, torch.Size] = {}
     else:
