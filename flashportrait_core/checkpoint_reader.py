@@ -4,8 +4,8 @@
 any of them (``meta()``), then ``read(key)`` for one tensor and ``release(keys)`` once its values are copied
 elsewhere. How each format is read:
 
-* safetensors: the JSON header is parsed here; ``read`` copies exactly that tensor's bytes from the file into a
-  fresh buffer (no memory map, so nothing of the file stays resident in the process).
+* safetensors: the JSON header is parsed here; the data is memory-mapped read-only, ``read`` returns a view of
+  one tensor and ``release`` hands its pages back to the kernel, so copied tensors do not stay resident.
 * torch zip (``torch.save``'s format since 1.6): ``torch.load(mmap=True, weights_only=True)``; ``read`` returns a
   view of the memory map, and ``release`` hands its pages back to the kernel (Linux), so the pages of tensors
   already copied do not add up to a second copy of the file.
@@ -23,6 +23,7 @@ import mmap
 import pickle
 import struct
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Iterable
@@ -66,7 +67,7 @@ class CheckpointReader:
     """The tensors of one checkpoint, read on demand. Use as a context manager (or call ``close``)."""
 
     path: Path
-    #: How the file is read, for reports: e.g. "safetensors, read tensor by tensor".
+    #: How the file is read, for reports: e.g. "safetensors, memory-mapped, pages released once copied".
     access: str
     #: The safetensors ``__metadata__`` (empty for pickles).
     metadata: dict[str, str]
@@ -103,13 +104,14 @@ def _truncated(path: Path, detail: str) -> CheckpointError:
 class SafetensorsReader(CheckpointReader):
     """A safetensors file: the header parsed, each tensor's bytes read only when asked for."""
 
-    access = "safetensors, read tensor by tensor"
+    access = "safetensors, memory-mapped, pages released once copied"
 
     def __init__(self, path: Path):
         self.path = path
         self._file = open(path, "rb")
         try:
             self._parse_header()
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if self._entries else None
         except BaseException:
             self._file.close()
             raise
@@ -153,13 +155,30 @@ class SafetensorsReader(CheckpointReader):
         dtype, shape, begin, end = self._entries[key]
         if end == begin:
             return torch.empty(shape, dtype=dtype)
-        buffer = bytearray(end - begin)
-        self._file.seek(self._data_start + begin)
-        if self._file.readinto(memoryview(buffer)) != len(buffer):
-            raise _truncated(self.path, f"tensor {key!r} could not be read whole")
-        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+        with warnings.catch_warnings():  # read-only on purpose: nothing may write into the file's pages
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            data = torch.frombuffer(self._map, dtype=torch.uint8, count=end - begin, offset=self._data_start + begin)
+        if (self._data_start + begin) % dtype.itemsize:
+            data = data.clone()  # an unaligned tensor (a header not padded to 8 bytes) cannot be viewed in place
+        return data.view(dtype).reshape(shape)
+
+    def release(self, keys: Iterable[str]) -> None:
+        if self._map is None or not hasattr(self._map, "madvise"):
+            return
+        page = mmap.PAGESIZE
+        for key in keys:
+            _, _, begin, end = self._entries[key]
+            start = -(-(self._data_start + begin) // page) * page  # whole pages inside the tensor only
+            stop = (self._data_start + end) // page * page
+            if stop > start:
+                self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
     def close(self) -> None:
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # tensors handed out still view it: the map goes when they do
+                pass
         self._file.close()
 
 

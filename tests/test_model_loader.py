@@ -66,7 +66,7 @@ def test_overlay_report_says_which_file_gave_what(tiny_folders):
                         f"from {TINY_WAN}; emotion attention in 2 blocks")
     assert lines[1].startswith("model weights float32 (the Wan base stores float32)")
     assert lines[2] == (f"read lazily: {TINY_OVERLAY}: torch zip, memory-mapped, pages released once copied; "
-                        f"{TINY_WAN}: safetensors, read tensor by tensor")
+                        f"{TINY_WAN}: safetensors, memory-mapped, pages released once copied")
 
 
 def test_complete_file_loads_without_reading_the_base(tiny_model, extra_files):
