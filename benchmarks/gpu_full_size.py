@@ -19,6 +19,11 @@ sampler node and reads its report:
     .venv/bin/python benchmarks/gpu_full_size.py [--sizes 720x720 480x832] [--windows 51 33] [--dtypes bf16 fp8]
         [--steps 2] [--alp-steps 8 12] [--alp-preset quality] [--json out.json]
     .venv/bin/python benchmarks/gpu_full_size.py --tiny      # CPU, tiny width: checks the script, measures nothing
+
+The default grid (2 dtypes x 2 sizes x 2 windows, plus two ALP runs per dtype) takes roughly half an hour on one
+H100/H200-class GPU (a 720x720 x 51-frame DiT pass is ~100k tokens). Within a shorter budget, run the grid in parts,
+e.g. ``--dtypes bf16 --sizes 720x720 --windows 51 33 --alp-steps 6 9`` first; ``--json`` is rewritten after every
+row, so a run cut short keeps what it measured.
 """
 from __future__ import annotations
 
@@ -224,6 +229,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                   "overhead_per_computed_step": None if computed is None else
                                   computed - row["s_per_step"]}
                 rows.append(row)
+                if args.json:  # after every row: a run cut short by a time limit keeps what it measured
+                    args.json.write_text(json.dumps({"device": device, "arch": arch, "rows": rows}, indent=1))
                 vram = "" if run["peak_vram_gib"] is None else f", peak VRAM {run['peak_vram_gib']:.1f} GiB"
                 print(f"{dtype_name} {size} window {length}: {row['s_per_step']:.3f} s/step, "
                       f"{row['s_per_pass']:.3f} s/DiT pass ({run['passes']} passes, {run['steps']} steps; whole "
@@ -239,8 +246,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    if args.json:
-        args.json.write_text(json.dumps({"device": device, "arch": arch, "rows": rows}, indent=1))
     return rows
 
 
