@@ -20,8 +20,9 @@ sampler node and reads its report:
         [--steps 2] [--alp-steps 8 12] [--alp-preset quality] [--json out.json]
     .venv/bin/python benchmarks/gpu_full_size.py --tiny      # CPU, tiny width: checks the script, measures nothing
 
-The default grid (2 dtypes x 2 sizes x 2 windows, plus two ALP runs per dtype) takes roughly half an hour on one
-H100/H200-class GPU (a 720x720 x 51-frame DiT pass is ~100k tokens). Within a shorter budget, run the grid in parts,
+The default grid (2 dtypes x 2 sizes x 2 windows, plus two ALP runs per dtype) is expected to take about half an
+hour on one H100/H200-class GPU (an estimate from the token count, ~100k tokens per 720x720 x 51-frame DiT pass;
+not measured yet). Within a shorter budget, run the grid in parts,
 e.g. ``--dtypes bf16 --sizes 720x720 --windows 51 33 --alp-steps 6 9`` first; ``--json`` is rewritten after every
 row, so a run cut short keeps what it measured.
 """
