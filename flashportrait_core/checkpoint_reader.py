@@ -174,11 +174,9 @@ class SafetensorsReader(CheckpointReader):
                 self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
     def close(self) -> None:
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:  # tensors handed out still view it: the map goes when they do
-                pass
+        # Not mmap.close(): that would unmap pages that tensors handed out still view. Each of them holds a
+        # reference to the map, which is unmapped when the last one goes.
+        self._map = None
         self._file.close()
 
 

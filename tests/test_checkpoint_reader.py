@@ -142,3 +142,21 @@ def test_tensors_at_unaligned_offsets_are_read(tmp_path):
     path.write_bytes(len(header).to_bytes(8, "little") + header + values.view(torch.uint8).numpy().tobytes())
     with open_checkpoint(path) as reader:
         assert torch.equal(reader.read("w"), values)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process's mappings from /proc")
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_tensors_outlive_the_reader_and_the_map_goes_with_them(tmp_path, suffix):
+    path = tmp_path / f"kept{suffix}"
+    values = torch.arange(300_000, dtype=torch.float32)
+    save_file({"w": values}, str(path)) if suffix == ".safetensors" else torch.save({"w": values}, path)
+    with open_checkpoint(path) as reader:
+        kept = reader.read("w")
+
+    def mapped() -> bool:
+        with open("/proc/self/maps") as maps:
+            return any(line.rstrip("\n").endswith(str(path.resolve())) for line in maps)
+
+    assert torch.equal(kept, values) and mapped()  # still readable after the reader closed
+    del kept
+    assert not mapped()

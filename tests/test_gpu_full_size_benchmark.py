@@ -30,7 +30,8 @@ def test_tiny_run_measures_every_quantity(tmp_path):
     row = rows[0]
     assert (row["dtype"], row["size"], row["window"], row["steps"]) == ("bf16", "32x32", 2, 1)
     assert row["passes"] == 2  # emo_cfg 4: the conditioned and the emotion-free pass per step
-    assert row["s_per_step"] > 0 and row["s_per_pass"] > 0 and row["peak_vram_gib"] is None
+    # The report gives the denoising time to 0.1 s: a fast CPU may show 0; the whole node is timed to 0.01 s.
+    assert row["s_per_step"] >= 0 and row["s_per_pass"] >= 0 and row["seconds"] > 0 and row["peak_vram_gib"] is None
     runs = row["alp"]["runs"]
     assert [r["steps"] for r in runs] == [6, 10]
     assert all(r["computed"] + r["skipped"] == r["steps"] and r["skipped"] > 0 for r in runs)
