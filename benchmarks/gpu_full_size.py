@@ -40,9 +40,8 @@ from types import SimpleNamespace
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "tests"))
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
-sys.path.insert(0, str(REPO_ROOT))
+# Appended, not put first: ComfyUI's own top-level ``nodes`` module must stay ahead of this repository's nodes/.
+sys.path.extend(str(REPO_ROOT / folder) for folder in ("tests", "scripts"))
 
 WAN_14B = {"dim": 5120, "ffn_dim": 13824, "num_blocks": 40, "token_dim": 2048}
 TINY = {"dim": 128, "ffn_dim": 256, "num_blocks": 2, "token_dim": 64}
@@ -151,7 +150,10 @@ def conditioning(pack, arch: dict, latent_frames: int, tiny: bool):
 
 def vae(tiny: bool):
     import comfy.sd
+
+    saved = list(sys.path)
     from make_tiny_models import wan_vae_state_dict
+    sys.path[:] = saved  # the generator puts the repository first, for its own command line
 
     return comfy.sd.VAE(sd=wan_vae_state_dict(seed=4, dim=16 if tiny else 96))
 
