@@ -151,9 +151,7 @@ def conditioning(pack, arch: dict, latent_frames: int, tiny: bool):
 def vae(tiny: bool):
     import comfy.sd
 
-    saved = list(sys.path)
     from make_tiny_models import wan_vae_state_dict
-    sys.path[:] = saved  # the generator puts the repository first, for its own command line
 
     return comfy.sd.VAE(sd=wan_vae_state_dict(seed=4, dim=16 if tiny else 96))
 

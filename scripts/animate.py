@@ -25,7 +25,8 @@ import numpy as np
 
 SCRIPTS = Path(__file__).resolve().parent
 REPO_ROOT = SCRIPTS.parent
-sys.path.insert(0, str(REPO_ROOT))
+if str(REPO_ROOT) not in sys.path:  # imported by tests, where ComfyUI's own `nodes` module must stay first
+    sys.path.insert(0, str(REPO_ROOT))
 
 from flashportrait_core.sampling.choice import ACCELERATIONS  # noqa: E402
 from scripts import comfy_client, host  # noqa: E402

@@ -38,8 +38,9 @@ import torch
 from safetensors.torch import save_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
+for _folder in (REPO_ROOT, REPO_ROOT / "scripts"):  # imported by benchmarks too: ComfyUI's `nodes` stays first
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
 
 from flashportrait_core.conditioning.prompt_file import save_conditioning_file  # noqa: E402
 from flashportrait_core.expression.pdfgc import random_fan_encoder_state_dict  # noqa: E402
