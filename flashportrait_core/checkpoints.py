@@ -2,91 +2,47 @@
 from __future__ import annotations
 
 import hashlib
-import pickle
 import re
-import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-_NESTING_KEYS = ("state_dict", "module", "model")
+from .checkpoint_reader import CheckpointError, open_checkpoint, unwrap_state_dict
+
+__all__ = ["CheckpointError", "unwrap_state_dict"]  # re-exported: loaders and tests import them from here
+
 # Prefixes under which tools save a Wan DiT: ComfyUI checkpoints, diffusers-style wrappers, DDP.
 _DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "module.", "model.")
 _EMOTION_KEY = re.compile(r"^blocks\.(\d+)\.cross_attn\.(emo_k_proj|emo_v_proj)\.weight$")
 
 
-class CheckpointError(ValueError):
-    """A file is unreadable or is not the checkpoint the input expects."""
-
-
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file or a torch pickle (read with ``weights_only=True``).
+    """Every tensor of a ``.safetensors`` file or a torch pickle (read with ``weights_only=True``), for small files.
 
     Pickles that want to build anything but tensors and plain containers are refused, so a crafted file
-    cannot run code. A state dict nested under ``state_dict``/``module``/``model`` is unwrapped.
+    cannot run code. A state dict nested under ``state_dict``/``module``/``model`` is unwrapped. Large models are
+    read tensor by tensor instead (``checkpoint_reader.open_checkpoint``).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
-    if path.suffix.lower() in (".safetensors", ".sft"):
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as error:
-            raise CheckpointError(f"{path.name} is not a readable safetensors file ({error}); it may be "
-                                  f"truncated: download it again") from error
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as error:
-        raise CheckpointError(f"{path.name} was refused: it holds objects other than tensors, which a safe "
-                              f"load does not execute ({str(error).splitlines()[0]}). Use the published file "
-                              f"or convert a trusted one to safetensors") from error
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as error:
-        raise CheckpointError(f"{path.name} is not a readable torch checkpoint ({error}); it may be "
-                              f"truncated: download it again") from error
-    return unwrap_state_dict(loaded, path.name)
+    with open_checkpoint(path) as reader:
+        return {key: reader.read(key) for key in reader.keys()}
 
 
-PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
-
-
-def preferred_checkpoint(path: str | Path) -> Path:
-    """The file a loader reads for ``path``: its ``.safetensors`` twin when one sits beside it.
-
-    A pickle ``X.pt`` (or ``.pth``/``.ckpt``/``.bin``) with ``X.safetensors`` in the same folder is read from the
-    safetensors file (e.g. after ``scripts/convert_checkpoint.py``): it loads without unpickling and can be
-    memory-mapped. Any other path is returned unchanged.
-    """
-    path = Path(path)
-    if path.suffix.lower() not in PICKLE_SUFFIXES:
-        return path
-    twin = path.with_suffix(".safetensors")
-    return twin if twin.is_file() else path
-
-
-def unwrap_state_dict(loaded: object, name: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint as saved: flat, nested under ``state_dict``/``module``/``model``, or with
-    every key under a ``module.`` prefix (saved from a DataParallel wrapper)."""
-    while isinstance(loaded, dict):
-        nested = next((loaded[k] for k in _NESTING_KEYS if isinstance(loaded.get(k), dict)), None)
-        if nested is None or any(torch.is_tensor(v) for v in loaded.values()):
-            break
-        loaded = nested
-    if not isinstance(loaded, dict) or not any(torch.is_tensor(v) for v in loaded.values()):
-        raise CheckpointError(f"{name} holds no tensors; it is not a model checkpoint")
-    tensors = {k: v for k, v in loaded.items() if torch.is_tensor(v)}
-    if all(k.startswith("module.") for k in tensors):
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
-    return tensors
+def dit_key_prefix(keys: Iterable[str]) -> str:
+    """The prefix a file puts before bare Wan DiT key names (``model.diffusion_model.``, ...; "" for none)."""
+    keys = list(keys)
+    for prefix in _DIT_PREFIXES:
+        if any(k.startswith(prefix + "blocks.") for k in keys):
+            return prefix
+    return ""
 
 
 def strip_dit_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Bare Wan DiT key names (``blocks.0.self_attn.q.weight``), whatever prefix the file used."""
-    for prefix in _DIT_PREFIXES:
-        if any(k.startswith(prefix + "blocks.") for k in state_dict):
-            return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    return dict(state_dict)
+    prefix = dit_key_prefix(state_dict)
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def split_emotion_projections(state_dict: dict[str, torch.Tensor]
@@ -121,46 +77,180 @@ def describe_dit(state_dict: dict[str, torch.Tensor]) -> dict[str, int | bool]:
     }
 
 
-def merge_flashportrait_dit(wan_base: dict[str, torch.Tensor], flashportrait: dict[str, torch.Tensor],
-                            wan_name: str = "Wan model", flashportrait_name: str = "FlashPortrait weights"
-                            ) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
-    """Lay the FlashPortrait DiT weights over a Wan 2.1 I2V model, as published (non-strict overlay).
+# Every weight of a Wan 2.1 image-to-video DiT (the official checkpoints' names; ComfyUI's WanModel has the same).
+WAN_I2V_TOP_KEYS = tuple(
+    f"{layer}.{kind}"
+    for layer in ("patch_embedding", "text_embedding.0", "text_embedding.2", "time_embedding.0", "time_embedding.2",
+                  "time_projection.1", "head.head", "img_emb.proj.0", "img_emb.proj.1", "img_emb.proj.3",
+                  "img_emb.proj.4")
+    for kind in ("weight", "bias")) + ("head.modulation",)
+WAN_I2V_BLOCK_KEYS = (
+    *(f"self_attn.{p}.{kind}" for p in "qkvo" for kind in ("weight", "bias")),
+    "self_attn.norm_q.weight", "self_attn.norm_k.weight",
+    *(f"cross_attn.{p}.{kind}" for p in ("q", "k", "v", "o", "k_img", "v_img") for kind in ("weight", "bias")),
+    "cross_attn.norm_q.weight", "cross_attn.norm_k.weight", "cross_attn.norm_k_img.weight",
+    "norm3.weight", "norm3.bias", "ffn.0.weight", "ffn.0.bias", "ffn.2.weight", "ffn.2.bias", "modulation",
+)
+# Keys and metadata of ComfyUI's scaled / mixed-precision fp8 files: weights only mean something with their scales.
+_SCALE_SUFFIXES = (".scale_weight", ".weight_scale", ".scale_input", ".input_scale")
+_QUANTIZATION_METADATA = "_quantization_metadata"
 
-    Returns the merged Wan state dict and the emotion projections per block. Raises ``CheckpointError``
-    naming the file when either is not what its input expects.
-    """
-    # A base that already carries emotion projections (a merged file) gets them from the overlay instead.
-    base, _ = split_emotion_projections(strip_dit_prefix(wan_base))
-    try:
-        base_arch = describe_dit(base)
-    except CheckpointError:
-        raise CheckpointError(f"{wan_name} is {identify_checkpoint(wan_base)}, not a Wan DiT. Select the Wan 2.1 "
-                              f"I2V 14B diffusion model (e.g. wan2.1_i2v_720p_14B_bf16.safetensors) from "
-                              f"models/diffusion_models") from None
-    if not base_arch["image_to_video"] or base_arch["in_dim"] != 36:
-        raise CheckpointError(f"{wan_name} is a Wan text-to-video (or other) model (in_dim "
-                              f"{base_arch['in_dim']}, image attention {base_arch['image_to_video']}); "
-                              f"FlashPortrait needs the Wan 2.1 image-to-video model (in_dim 36)")
-    overlay, emotion = split_emotion_projections(strip_dit_prefix(flashportrait))
+BASE, FLASHPORTRAIT = "wan", "flashportrait"  # where a weight of the merged DiT is read from
+
+
+def wan_i2v_keys(num_blocks: int) -> list[str]:
+    """Every weight name of a Wan 2.1 I2V DiT with ``num_blocks`` blocks (no emotion projections)."""
+    return [*WAN_I2V_TOP_KEYS, *(f"blocks.{i}.{k}" for i in range(num_blocks) for k in WAN_I2V_BLOCK_KEYS)]
+
+
+def missing_wan_i2v_keys(keys: Iterable[str], num_blocks: int) -> list[str]:
+    """The weights of a Wan 2.1 I2V DiT with ``num_blocks`` blocks that ``keys`` lacks, in model order."""
+    present = set(keys)
+    return [key for key in wan_i2v_keys(num_blocks) if key not in present]
+
+
+def scaled_fp8_format(keys: Iterable[str], metadata: dict[str, str] | None = None) -> bool:
+    """True for ComfyUI's scaled fp8 or per-layer quantized files (``scaled_fp8``/``*.scale_weight`` keys, or
+    quantization metadata): their stored weights are only meaningful multiplied by their scales."""
+    keys = list(keys)
+    return (any(k == "scaled_fp8" or k.endswith(".scaled_fp8") or k.endswith(_SCALE_SUFFIXES) for k in keys)
+            or _QUANTIZATION_METADATA in (metadata or {}))
+
+
+def _scaled_fp8_refusal(name: str) -> CheckpointError:
+    return CheckpointError(
+        f"{name} is ComfyUI's scaled fp8 format (weights stored with per-layer scales). FlashPortrait's weights "
+        f"replace most of its layers, and the scales stored for the old values would multiply the new ones, so "
+        f"it cannot be the base. Select the bf16 (or fp16) Wan 2.1 I2V 14B file, "
+        f"wan2.1_i2v_720p_14B_bf16.safetensors, and set weight_dtype to fp8_e4m3fn for the same memory; a plain "
+        f"fp8 file without scales (e.g. ..._fp8_e4m3fn.safetensors) works too")
+
+
+@dataclass(frozen=True)
+class DitLayout:
+    """Where each weight of the FlashPortrait DiT comes from, decided from keys and shapes alone (nothing read)."""
+
+    #: Bare Wan key -> (BASE or FLASHPORTRAIT, the key's name in that file).
+    weights: dict[str, tuple[str, str]]
+    #: Block -> {"emo_k_proj": key in the FlashPortrait file, "emo_v_proj": ...}.
+    emotion: dict[int, dict[str, str]]
+    architecture: dict
+    #: The FlashPortrait file holds every weight of the Wan I2V DiT: no Wan base is read.
+    complete: bool
+
+    @property
+    def overlaid(self) -> int:
+        """Weights taken from the FlashPortrait file."""
+        return sum(1 for source, _ in self.weights.values() if source == FLASHPORTRAIT)
+
+    def describe(self, wan_name: str, flashportrait_name: str) -> str:
+        blocks = f"emotion attention in {len(self.emotion)} blocks"
+        if self.complete:
+            return (f"{flashportrait_name} holds a complete Wan 2.1 I2V DiT ({len(self.weights)} weights) and "
+                    f"{blocks}; no Wan base file is read")
+        return (f"{flashportrait_name} laid over {wan_name}: {self.overlaid} of {len(self.weights)} weights from "
+                f"{flashportrait_name}, the other {len(self.weights) - self.overlaid} from {wan_name}; {blocks}")
+
+
+def _bare_names(state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Bare Wan key -> the key as the file names it."""
+    prefix = dit_key_prefix(state_dict)
+    return {k[len(prefix):]: k for k in state_dict if k.startswith(prefix)}
+
+
+def _emotion_keys(bare: dict[str, str]) -> dict[int, dict[str, str]]:
+    emotion: dict[int, dict[str, str]] = {}
+    for key, file_key in bare.items():
+        match = _EMOTION_KEY.match(key)
+        if match:
+            emotion.setdefault(int(match.group(1)), {})[match.group(2)] = file_key
+    return emotion
+
+
+def flashportrait_holds_complete_dit(flashportrait: dict[str, torch.Tensor]) -> bool:
+    """True when a FlashPortrait file carries every Wan 2.1 I2V DiT weight (no base model is needed)."""
+    bare = _bare_names(flashportrait)
+    if "head.modulation" not in bare or "blocks.0.self_attn.q.weight" not in bare:
+        return False
+    blocks = {int(k.split(".")[1]) for k in bare if k.startswith("blocks.")}
+    return not missing_wan_i2v_keys(bare, max(blocks) + 1)
+
+
+def _check_image_to_video(arch: dict, name: str) -> None:
+    if not arch["image_to_video"] or arch["in_dim"] != 36:
+        raise CheckpointError(f"{name} is a Wan text-to-video (or other) model (in_dim {arch['in_dim']}, image "
+                              f"attention {arch['image_to_video']}); FlashPortrait needs the Wan 2.1 image-to-video "
+                              f"model (in_dim 36)")
+
+
+def plan_flashportrait_dit(flashportrait: dict[str, torch.Tensor], wan_base: dict[str, torch.Tensor] | None,
+                           wan_name: str = "Wan model", flashportrait_name: str = "FlashPortrait weights",
+                           wan_metadata: dict[str, str] | None = None,
+                           flashportrait_metadata: dict[str, str] | None = None) -> DitLayout:
+    """Check two files (tensors or meta tensors: only keys, shapes and dtypes are used) and lay the FlashPortrait
+    weights over the Wan base, as published (non-strict overlay). ``wan_base`` None: the FlashPortrait file must
+    hold the whole DiT. Raises ``CheckpointError`` naming the file when one is not what its input expects."""
+    fp_bare = _bare_names(flashportrait)
+    emotion = _emotion_keys(fp_bare)
     if not emotion:
         raise CheckpointError(f"{flashportrait_name} is {identify_checkpoint(flashportrait)}, not a FlashPortrait "
                               f"transformer (no 'blocks.N.cross_attn.emo_k_proj.weight' keys). Select "
                               f"FlashPortrait's transformer.pt from models/flashportrait")
-    if set(emotion) != set(range(base_arch["num_blocks"])) or any(len(p) != 2 for p in emotion.values()):
+    if scaled_fp8_format(flashportrait, flashportrait_metadata):
+        raise _scaled_fp8_refusal(flashportrait_name)
+    emotion_file_keys = {k for pair in emotion.values() for k in pair.values()}
+    overlay = {k: fk for k, fk in fp_bare.items() if fk not in emotion_file_keys}
+    weights: dict[str, tuple[str, str]] = {}
+    if wan_base is None:
+        missing = missing_wan_i2v_keys(overlay, max(emotion) + 1)
+        if missing:
+            raise CheckpointError(f"{flashportrait_name} holds only part of the Wan DiT ({len(overlay)} weights, "
+                                  f"{len(missing)} missing, e.g. {missing[:3]}): select the Wan 2.1 I2V 14B model "
+                                  f"in wan_model to lay it over")
+        arch = describe_dit({k: flashportrait[fk] for k, fk in overlay.items()})
+        _check_image_to_video(arch, flashportrait_name)
+        base_shapes: dict[str, torch.Size] = {}
+    else:
+        base_bare = {k: fk for k, fk in _bare_names(wan_base).items() if not _EMOTION_KEY.match(k)}
+        try:
+            arch = describe_dit({k: wan_base[fk] for k, fk in base_bare.items()})
+        except CheckpointError:
+            raise CheckpointError(f"{wan_name} is {identify_checkpoint(wan_base)}, not a Wan DiT. Select the Wan "
+                                  f"2.1 I2V 14B diffusion model (e.g. wan2.1_i2v_720p_14B_bf16.safetensors) from "
+                                  f"models/diffusion_models") from None
+        _check_image_to_video(arch, wan_name)
+        if scaled_fp8_format(wan_base, wan_metadata):
+            raise _scaled_fp8_refusal(wan_name)
+        weights.update({k: (BASE, fk) for k, fk in base_bare.items()})
+        base_shapes = {k: wan_base[fk].shape for k, fk in base_bare.items()}
+    source_name = wan_name if wan_base is not None else flashportrait_name
+    if set(emotion) != set(range(arch["num_blocks"])) or any(len(p) != 2 for p in emotion.values()):
         raise CheckpointError(f"{flashportrait_name} have emotion projections for blocks {sorted(emotion)} but "
-                              f"{wan_name} has {base_arch['num_blocks']} blocks; the files do not belong together")
-    for key, value in overlay.items():
-        if key in base and base[key].shape != value.shape:
-            raise CheckpointError(f"{flashportrait_name} do not fit {wan_name}: '{key}' is {list(value.shape)} "
-                                  f"there and {list(base[key].shape)} in the Wan model. Use the 14B I2V model")
-    dim = base_arch["dim"]
+                              f"{source_name} has {arch['num_blocks']} blocks; the files do not belong together")
+    for key, file_key in overlay.items():
+        shape = flashportrait[file_key].shape
+        if key in base_shapes and base_shapes[key] != shape:
+            raise CheckpointError(f"{flashportrait_name} do not fit {wan_name}: '{key}' is {list(shape)} there "
+                                  f"and {list(base_shapes[key])} in the Wan model. Use the 14B I2V model")
     for block, pair in emotion.items():
-        for name, weight in pair.items():
-            if weight.ndim != 2 or weight.shape[0] != dim:
+        for name, file_key in pair.items():
+            shape = flashportrait[file_key].shape
+            if len(shape) != 2 or shape[0] != arch["dim"]:
                 raise CheckpointError(f"{flashportrait_name}: blocks.{block}.cross_attn.{name}.weight is "
-                                      f"{list(weight.shape)}, expected [{dim}, token width]")
-    merged = dict(base)
-    merged.update(overlay)
+                                      f"{list(shape)}, expected [{arch['dim']}, token width]")
+    weights.update({k: (FLASHPORTRAIT, fk) for k, fk in overlay.items()})
+    return DitLayout(weights=weights, emotion=emotion, architecture=arch, complete=wan_base is None)
+
+
+def merge_flashportrait_dit(wan_base: dict[str, torch.Tensor] | None, flashportrait: dict[str, torch.Tensor],
+                            wan_name: str = "Wan model", flashportrait_name: str = "FlashPortrait weights"
+                            ) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
+    """The merged Wan state dict and the emotion projections per block, from tensors already in memory (see
+    ``plan_flashportrait_dit``; the loader node reads the files tensor by tensor instead)."""
+    layout = plan_flashportrait_dit(flashportrait, wan_base, wan_name, flashportrait_name)
+    files = {BASE: wan_base, FLASHPORTRAIT: flashportrait}
+    merged = {key: files[source][file_key] for key, (source, file_key) in layout.weights.items()}
+    emotion = {block: {name: flashportrait[fk] for name, fk in pair.items()} for block, pair in layout.emotion.items()}
     return merged, emotion
 
 

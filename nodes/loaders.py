@@ -1,22 +1,24 @@
 """Loader nodes: the FlashPortrait DiT (into ComfyUI's Wan model), the portrait encoder, the expression model."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from dataclasses import dataclass
 
-import comfy.sd
 import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..flashportrait_core.checkpoints import (CheckpointError, load_state_dict, merge_flashportrait_dit,
-                                              preferred_checkpoint)
+from ..flashportrait_core.checkpoint_reader import open_checkpoint
+from ..flashportrait_core.checkpoints import (BASE, FLASHPORTRAIT, CheckpointError, flashportrait_holds_complete_dit,
+                                              load_state_dict, plan_flashportrait_dit)
 from ..flashportrait_core.expression.backends import BACKEND_CHOICES, FaceBackendChoice, resolve_face_backend
 from ..flashportrait_core.expression.pdfgc import load_fan_encoder
-from ..flashportrait_core.conditioning.portrait_encoder import load_portrait_encoder
+from ..flashportrait_core.conditioning.portrait_encoder import load_portrait_encoder, split_portrait_encoder_keys
 from . import types
+from .dit_loading import build_flashportrait_model
 from .model_folders import WEIGHTS_FOLDER, model_file
-from .wan_patch import attach_emotion_projections, patch_emotion_blocks
 
 _WEIGHT_DTYPES = {
     "default": {},
@@ -26,9 +28,16 @@ _WEIGHT_DTYPES = {
 }
 
 
+NO_WAN_BASE = "none"  # the wan_model choice for a FlashPortrait file that holds the whole DiT
+
+
 def checkpoint_file(folder: str, name: str) -> str:
-    """Path a loader reads for a selected file: ``X.safetensors`` instead of ``X.pt`` when both are there."""
-    return str(preferred_checkpoint(model_file(folder, name)))
+    """Path of the file selected in a loader: exactly that file (a same-stem twin in another format is not used)."""
+    return model_file(folder, name)
+
+
+def _ignored_keys_note(keys: list[str]) -> str:
+    return f"{len(keys)} ignored (not part of the model): {keys[:5]}{' ...' if len(keys) > 5 else ''}"
 
 
 class FlashPortraitModelLoader(io.ComfyNode):
@@ -39,15 +48,19 @@ class FlashPortraitModelLoader(io.ComfyNode):
             display_name="FlashPortrait Model Loader",
             category="FlashPortrait",
             description="Loads Wan 2.1 I2V 14B with the FlashPortrait weights laid over it and the emotion "
-                        "attention (NFEB) attached to every block. Output works with ComfyUI's LoRA loaders.",
+                        "attention (NFEB) attached to every block, reading the files tensor by tensor (host memory: "
+                        "the model plus one block). Output works with ComfyUI's LoRA loaders.",
             inputs=[
-                io.Combo.Input("wan_model", options=folder_paths.get_filename_list("diffusion_models"),
+                io.Combo.Input("wan_model", options=[*folder_paths.get_filename_list("diffusion_models"), NO_WAN_BASE],
                                tooltip="Wan 2.1 image-to-video 14B diffusion model (models/diffusion_models), "
-                                       "e.g. wan2.1_i2v_720p_14B_bf16.safetensors."),
+                                       "e.g. wan2.1_i2v_720p_14B_bf16.safetensors, or a plain fp8 version. Not read "
+                                       "when the FlashPortrait file holds the complete DiT (then 'none' will do). "
+                                       "ComfyUI's scaled fp8 files are refused (their scales do not fit the "
+                                       "FlashPortrait weights): use bf16 with weight_dtype fp8_e4m3fn."),
                 io.Combo.Input("flashportrait_weights", options=folder_paths.get_filename_list(WEIGHTS_FOLDER),
                                tooltip="FlashPortrait's transformer.pt (or its safetensors conversion) from "
-                                       "models/flashportrait. Pickles are read with weights_only=True; "
-                                       "X.safetensors beside X.pt is read instead of it."),
+                                       "models/flashportrait. Pickles are read with weights_only=True and "
+                                       "memory-mapped; the file chosen is the file read."),
                 io.Combo.Input("weight_dtype", options=list(_WEIGHT_DTYPES), default="default",
                                tooltip="Storage type of the DiT weights; fp8 halves memory at a small cost "
                                        "in quality."),
@@ -57,22 +70,30 @@ class FlashPortraitModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, wan_model: str, flashportrait_weights: str, weight_dtype: str) -> io.NodeOutput:
-        wan_path = checkpoint_file("diffusion_models", wan_model)
-        fp_path = checkpoint_file(WEIGHTS_FOLDER, flashportrait_weights)
-        merged, projections = merge_flashportrait_dit(load_state_dict(wan_path), load_state_dict(fp_path),
-                                                      wan_name=wan_model, flashportrait_name=flashportrait_weights)
-        model = comfy.sd.load_diffusion_model_state_dict(merged, model_options=dict(_WEIGHT_DTYPES[weight_dtype]))
-        if model is None:
-            raise CheckpointError(f"ComfyUI did not recognise {wan_model} as a diffusion model; select the "
-                                  f"Wan 2.1 I2V 14B model")
-        diffusion_model = model.model.diffusion_model
-        if type(model.model).__name__ != "WAN21" or getattr(diffusion_model, "img_emb", None) is None:
-            raise CheckpointError(f"{wan_model} loaded as {type(model.model).__name__}, not Wan 2.1 "
-                                  f"image-to-video; select the Wan 2.1 I2V 14B model")
-        attach_emotion_projections(diffusion_model, projections)
-        model.size = 0  # the attached projections count toward the model's memory from now on
-        patch_emotion_blocks(model)
-        return io.NodeOutput(model)
+        with contextlib.ExitStack() as files:
+            fp = files.enter_context(open_checkpoint(model_file(WEIGHTS_FOLDER, flashportrait_weights)))
+            fp_meta = fp.meta()
+            base = None
+            if wan_model != NO_WAN_BASE and not flashportrait_holds_complete_dit(fp_meta):
+                base = files.enter_context(open_checkpoint(model_file("diffusion_models", wan_model)))
+            layout = plan_flashportrait_dit(fp_meta, base.meta() if base else None, wan_name=wan_model,
+                                            flashportrait_name=flashportrait_weights,
+                                            wan_metadata=base.metadata if base else None,
+                                            flashportrait_metadata=fp.metadata)
+            readers = {FLASHPORTRAIT: fp, **({BASE: base} if base else {})}
+            loaded = build_flashportrait_model(layout, readers, dict(_WEIGHT_DTYPES[weight_dtype]),
+                                               wan_name=wan_model if base else flashportrait_weights)
+        lines = [layout.describe(wan_model, flashportrait_weights)
+                 + (f" ({wan_model} in wan_model was not read)" if layout.complete and wan_model != NO_WAN_BASE
+                    else ""),
+                 loaded.storage,
+                 "read lazily: " + "; ".join(f"{name}: {reader.access}" for name, reader in
+                                             ((flashportrait_weights, fp), (wan_model, base)) if reader)]
+        if loaded.unused:
+            lines.append(f"weights of the files that the Wan model has no place for: {_ignored_keys_note(loaded.unused)}")
+        report = "\n".join(lines)
+        logging.info("FlashPortrait Model Loader: %s", report.replace("\n", "; "))
+        return io.NodeOutput(loaded.model, ui={"text": [report]})
 
 
 class FlashPortraitPortraitEncoderLoader(io.ComfyNode):
@@ -92,12 +113,19 @@ class FlashPortraitPortraitEncoderLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, portrait_encoder: str) -> io.NodeOutput:
-        state_dict = load_state_dict(checkpoint_file(WEIGHTS_FOLDER, portrait_encoder))
+        path = checkpoint_file(WEIGHTS_FOLDER, portrait_encoder)
+        state_dict, ignored = split_portrait_encoder_keys(load_state_dict(path))
         try:
             encoder = load_portrait_encoder(state_dict)
         except ValueError as error:
             raise CheckpointError(f"{portrait_encoder}: {error}") from None
-        return io.NodeOutput(encoder.float())
+        report = f"{portrait_encoder}: portrait encoder, {encoder.config.tokens_per_frame} tokens of " \
+                 f"{encoder.config.output_dim} per frame"
+        if ignored:
+            # The published loader keeps only the three encoder prefixes; other keys are skipped, as there.
+            report += f"; keys outside proj_model./mouth_proj_model./emo_proj_model.: {_ignored_keys_note(ignored)}"
+            logging.info("FlashPortrait Portrait Encoder Loader: %s", report)
+        return io.NodeOutput(encoder.float(), ui={"text": [report]})
 
 
 @dataclass(frozen=True)

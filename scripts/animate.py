@@ -4,6 +4,11 @@ Uses the published FlashPortrait weights when they are in the models folder; oth
 the same workflow on tiny random-weight models (a pipeline check: the video then shows noise, not a face).
 
     python scripts/animate.py --reference me.png --driving talk.mp4 [--out output/]
+        [--steps 30] [--acceleration off] [--window 51 --overlap 30] [--cpu] [--lowvram] [--reserve-vram GB]
+        [--use-sage-attention | --use-pytorch-cross-attention | ...]
+
+ComfyUI runs on the GPU when there is one (``--cpu`` forces the CPU); its memory and attention flags are passed to
+its server as they are.
 """
 from __future__ import annotations
 
@@ -20,8 +25,10 @@ import numpy as np
 
 SCRIPTS = Path(__file__).resolve().parent
 REPO_ROOT = SCRIPTS.parent
-sys.path.insert(0, str(REPO_ROOT))
+if str(REPO_ROOT) not in sys.path:  # imported by tests, where ComfyUI's own `nodes` module must stay first
+    sys.path.insert(0, str(REPO_ROOT))
 
+from flashportrait_core.sampling.choice import ACCELERATIONS  # noqa: E402
 from scripts import comfy_client, host  # noqa: E402
 from scripts.make_tiny_models import write_tiny_models  # noqa: E402
 from scripts.workflow_prep import (PUBLISHED_MODELS, TINY_MODELS, ModelFiles, Settings,  # noqa: E402
@@ -87,7 +94,21 @@ def default_media() -> tuple[Path, Path, str]:
                             f"made from the same photo with a slow head sway (no expression change)")
 
 
-def main(argv: list[str] | None = None) -> int:
+def with_options(settings: Settings, args: argparse.Namespace) -> Settings:
+    """``settings`` with the workflow options given on the command line (the others keep their value)."""
+    overrides = {name: value for name, value in (("steps", args.steps), ("max_side", args.max_side),
+                                                 ("max_frames", args.max_frames), ("seed", args.seed),
+                                                 ("acceleration", args.acceleration),
+                                                 ("window_length", args.window), ("window_overlap", args.overlap))
+                 if value is not None}
+    settings = replace(settings, **overrides)
+    if settings.window_overlap >= settings.window_length:
+        raise ValueError(f"--overlap ({settings.window_overlap}) must be smaller than the window "
+                         f"({settings.window_length} latent frames)")
+    return settings
+
+
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference", type=Path, help="portrait image (PNG/JPEG)")
     parser.add_argument("--driving", type=Path, help="driving video (any format PyAV reads)")
@@ -96,11 +117,33 @@ def main(argv: list[str] | None = None) -> int:
                         help="ComfyUI models folder holding the published weights (default: the host's models/)")
     parser.add_argument("--tiny", action="store_true", help="use the tiny random-weight models even if real "
                                                             "weights are present")
-    parser.add_argument("--steps", type=int)
+    parser.add_argument("--steps", type=int, help="denoising steps per window (published: 30)")
+    parser.add_argument("--acceleration", choices=ACCELERATIONS,
+                        help="the sampler's acceleration: off (every step computed), an ALP preset, or the 4-step "
+                             "distillation LoRA schedule")
+    parser.add_argument("--window", type=int, metavar="LATENT_FRAMES",
+                        help="context window length in latent frames (published: 51 = 201 video frames)")
+    parser.add_argument("--overlap", type=int, metavar="LATENT_FRAMES",
+                        help="latent frames shared by neighbouring windows (published: 30)")
     parser.add_argument("--max-side", type=int)
     parser.add_argument("--max-frames", type=int, help="use only the first N driving frames")
     parser.add_argument("--seed", type=int)
+    host.add_comfyui_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argument_parser()
     args = parser.parse_args(argv)
+    try:
+        device, comfyui_flags = host.comfyui_arguments(args)
+    except host.HostError as error:
+        parser.error(str(error))
+    for label, value in (("--steps", args.steps), ("--window", args.window)):
+        if value is not None and value < 1:
+            parser.error(f"{label} must be at least 1, got {value}")
+    if args.overlap is not None and args.overlap < 0:
+        parser.error(f"--overlap must be 0 or more, got {args.overlap}")
 
     if (args.reference is None) != (args.driving is None):
         parser.error("give both --reference and --driving, or neither to use sample media")
@@ -124,15 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"Using the published weights in {models_dir}.")
         models, settings = PUBLISHED_MODELS, Settings()
-    overrides = {name: value for name, value in (("steps", args.steps), ("max_side", args.max_side),
-                                                 ("max_frames", args.max_frames), ("seed", args.seed))
-                 if value is not None}
-    settings = replace(settings, **overrides)
+    try:
+        settings = with_options(settings, args)
+    except ValueError as error:
+        parser.error(str(error))
 
     with tempfile.TemporaryDirectory(prefix="flashportrait-") as work:
         work = Path(work)
         with host.start_server(models_dir, work / "input", work / "output", work / "temp",
-                               comfyui_dir=comfy_dir) as server:
+                               comfyui_dir=comfy_dir, device=device, extra_args=comfyui_flags) as server:
+            print(f"ComfyUI runs on {server.device}"
+                  + (" (slow: a GPU is needed for real-size videos)" if server.device.startswith("cpu") else "")
+                  + (f" with {' '.join(comfyui_flags)}" if comfyui_flags else "") + ".")
             reference_name = "reference" + args.reference.suffix.lower()
             driving_name = "driving" + args.driving.suffix.lower()
             shutil.copy(args.reference, server.input_dir / reference_name)

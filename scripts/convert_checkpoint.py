@@ -8,7 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # imported by tests: ComfyUI's `nodes` stays first
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flashportrait_core.checkpoints import CheckpointError, convert_to_safetensors  # noqa: E402
 

@@ -13,7 +13,11 @@ Usage::
 
     python scripts/host.py provision [--force]    # prints the ComfyUI folder
     python scripts/host.py path                   # prints the ComfyUI folder in use
-    python scripts/host.py start [--models DIR] [--port N]   # serves until Ctrl-C
+    python scripts/host.py start [--models DIR] [--port N] [--cpu] [--lowvram] ...   # serves until Ctrl-C
+
+The server runs on ComfyUI's default device (the GPU) when the interpreter's torch sees an accelerator, and with
+``--cpu`` where none is or when asked. ComfyUI's memory and attention flags pass through (``--lowvram``,
+``--reserve-vram GB``, ``--use-sage-attention``, ...; see ``add_comfyui_arguments``).
 
 Only the standard library is used, so the CLI runs before any virtual environment exists.
 """
@@ -23,6 +27,7 @@ import argparse
 import atexit
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -66,6 +71,11 @@ STANDARD_MODEL_FOLDERS = (
 )
 
 LOCAL_HOST = "127.0.0.1"
+
+# ComfyUI's own flags for VRAM use and attention that the project's commands pass through to its server.
+VRAM_FLAGS = ("--lowvram", "--novram", "--highvram")
+ATTENTION_FLAGS = ("--use-sage-attention", "--use-flash-attention", "--use-pytorch-cross-attention",
+                   "--use-split-cross-attention", "--use-quad-cross-attention")
 
 
 class HostError(RuntimeError):
@@ -307,6 +317,82 @@ def provision(force: bool = False, log=print) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Device
+# ----------------------------------------------------------------------------------------------------
+
+# Asked of the interpreter that runs ComfyUI (its torch decides what ComfyUI can use), printed as JSON.
+_DEVICE_QUERY = """
+import json, torch
+found = None
+if torch.cuda.is_available():
+    found = ("rocm" if getattr(torch.version, "hip", None) else "cuda") + ": " + torch.cuda.get_device_name(0)
+elif getattr(torch, "xpu", None) is not None and torch.xpu.is_available():
+    found = "xpu: " + torch.xpu.get_device_name(0)
+elif torch.backends.mps.is_available():
+    found = "mps: Apple GPU"
+print(json.dumps(found))
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def accelerator(python: str) -> str | None:
+    """The accelerator the torch of ``python`` sees (e.g. ``"cuda: NVIDIA H200"``), or None when there is none.
+
+    An interpreter whose torch does not import counts as none: ComfyUI then fails at start and its log says why.
+    """
+    try:
+        result = subprocess.run([python, "-c", _DEVICE_QUERY], capture_output=True, text=True, timeout=300,
+                                stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if result.returncode != 0:
+        return None
+    try:
+        found = json.loads(result.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+    return found if isinstance(found, str) else None
+
+
+def device_arguments(device: str, python: str) -> tuple[list[str], str]:
+    """ComfyUI's device flags for ``device`` ("auto": its default device when an accelerator is present, else
+    the CPU; "cpu": the CPU always) and a description of what the server will run on."""
+    if device not in ("auto", "cpu"):
+        raise HostError(f"device must be 'auto' or 'cpu', got {device!r}")
+    found = accelerator(python) if device == "auto" else None
+    if found is None:
+        return ["--cpu"], "cpu" if device == "cpu" else "cpu (no GPU found)"
+    return [], found
+
+
+def add_comfyui_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of a command that starts ComfyUI: ``--cpu`` and ComfyUI's memory and attention flags."""
+    group = parser.add_argument_group("ComfyUI device and memory (passed to its server)")
+    group.add_argument("--cpu", action="store_true",
+                       help="run on the CPU even when a GPU is present (default: the GPU when there is one)")
+    vram = group.add_mutually_exclusive_group()
+    vram.add_argument("--lowvram", action="store_true",
+                      help="split the model between GPU and CPU memory (for GPUs that cannot hold it)")
+    vram.add_argument("--novram", action="store_true", help="keep even less on the GPU than --lowvram")
+    vram.add_argument("--highvram", action="store_true", help="keep every model on the GPU")
+    group.add_argument("--reserve-vram", type=float, metavar="GB",
+                       help="GB of VRAM ComfyUI leaves free for other programs")
+    attention = group.add_mutually_exclusive_group()
+    for flag in ATTENTION_FLAGS:
+        attention.add_argument(flag, action="store_true", help=f"ComfyUI's {flag}")
+
+
+def comfyui_arguments(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """(device, extra server flags) from options added by ``add_comfyui_arguments``."""
+    extra = [flag for flag in (*VRAM_FLAGS, *ATTENTION_FLAGS) if getattr(args, flag[2:].replace("-", "_"))]
+    if args.reserve_vram is not None:
+        if args.reserve_vram < 0:
+            raise HostError(f"--reserve-vram must be 0 or more GB, got {args.reserve_vram:g}")
+        extra += ["--reserve-vram", f"{args.reserve_vram:g}"]
+    return ("cpu" if args.cpu else "auto"), extra
+
+
+# ----------------------------------------------------------------------------------------------------
 # Server
 # ----------------------------------------------------------------------------------------------------
 
@@ -354,6 +440,7 @@ class ServerHandle:
     input_dir: Path
     output_dir: Path
     temp_dir: Path
+    device: str = "cpu"  # what the server runs on, e.g. "cuda: NVIDIA H200" or "cpu (no GPU found)"
     _log_handle: object = field(default=None, repr=False)
 
     def __enter__(self) -> "ServerHandle":
@@ -422,14 +509,17 @@ def start_server(models_dir: os.PathLike | str,
                  extra_args: Sequence[str] = (),
                  env: dict | None = None,
                  startup_timeout: float = 240.0,
-                 disable_api_nodes: bool = True) -> ServerHandle:
+                 disable_api_nodes: bool = True,
+                 device: str = "auto") -> ServerHandle:
     """Start ComfyUI on loopback with its models, input, output and temp folders set; wait until it answers.
 
     ``models_dir`` is laid out like ComfyUI's ``models/`` (diffusion_models/, vae/, flashportrait/, ...)
     and comes first in the model search paths. ``python`` defaults to the running interpreter;
     ``comfyui_dir`` to ``comfyui_path()`` (it must already be provisioned). The server's user data and
-    database live in a fresh run folder, never inside the ComfyUI folder. Raises ServerStartError with the
-    log tail when the server dies or does not answer ``/system_stats`` within ``startup_timeout`` s.
+    database live in a fresh run folder, never inside the ComfyUI folder. ``device`` "auto" runs ComfyUI on its
+    default device when the interpreter's torch sees an accelerator and with ``--cpu`` otherwise; "cpu" always
+    adds ``--cpu``. ``extra_args`` go to ComfyUI as they are (e.g. ``--lowvram``). Raises ServerStartError with
+    the log tail when the server dies or does not answer ``/system_stats`` within ``startup_timeout`` s.
     """
     comfy_dir = Path(comfyui_dir) if comfyui_dir is not None else comfyui_path()
     if not (comfy_dir / "main.py").is_file():
@@ -444,12 +534,14 @@ def start_server(models_dir: os.PathLike | str,
         folder.mkdir(parents=True, exist_ok=True)
     paths_yaml = run_dir / "extra_model_paths.yaml"
     paths_yaml.write_text(model_paths_yaml(Path(models_dir)))
+    python = python or sys.executable
+    device_flags, device_used = device_arguments(device, python)
 
     attempts = 1 if port is not None else 3  # a picked free port can be taken before the server binds it
     for attempt in range(attempts):
         chosen_port = port if port is not None else free_port()
         command = [
-            python or sys.executable, "main.py", "--cpu",
+            python, "main.py", *device_flags,
             "--listen", LOCAL_HOST, "--port", str(chosen_port),
             "--extra-model-paths-config", str(paths_yaml),
             "--input-directory", str(folders["input"].resolve()),
@@ -476,7 +568,7 @@ def start_server(models_dir: os.PathLike | str,
         handle = ServerHandle(url=f"http://{LOCAL_HOST}:{chosen_port}", port=chosen_port, process=process,
                               log_path=log_path, run_dir=run_dir, comfyui_dir=comfy_dir,
                               input_dir=folders["input"], output_dir=folders["output"],
-                              temp_dir=folders["temp"] / "temp", _log_handle=log_handle)
+                              temp_dir=folders["temp"] / "temp", device=device_used, _log_handle=log_handle)
         atexit.register(handle.stop)
         try:
             _wait_until_ready(handle, startup_timeout, str(paths_yaml))
@@ -509,6 +601,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     start_cmd.add_argument("--output", type=Path, default=HOST_ROOT / "run" / "output")
     start_cmd.add_argument("--port", type=int, default=None)
     start_cmd.add_argument("--python", default=None, help="interpreter for ComfyUI (default: this one)")
+    add_comfyui_arguments(start_cmd)
     args = parser.parse_args(argv)
 
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
@@ -523,11 +616,12 @@ def _main(argv: Sequence[str] | None = None) -> int:
             # Stop the server on SIGTERM too, and on SIGINT even where a shell started us with it ignored.
             signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
             signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
+            device, extra_args = comfyui_arguments(args)
             provision(log=log)
-            with start_server(args.models, args.input, args.output, port=args.port,
-                              python=args.python) as server:
-                print(f"ComfyUI {COMFYUI_VERSION} at {server.url} (log: {server.log_path}); Ctrl-C stops it",
-                      flush=True)
+            with start_server(args.models, args.input, args.output, port=args.port, python=args.python,
+                              device=device, extra_args=extra_args) as server:
+                print(f"ComfyUI {COMFYUI_VERSION} at {server.url} on {server.device} (log: {server.log_path}); "
+                      f"Ctrl-C stops it", flush=True)
                 with contextlib.suppress(KeyboardInterrupt):
                     server.process.wait()
     except HostError as error:

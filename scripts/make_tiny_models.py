@@ -17,10 +17,19 @@ The output folder is laid out like ComfyUI's ``models/``::
     loras/fast_lora_tiny.safetensors                  4-step distillation LoRA in the published key format
 
 Usage: python scripts/make_tiny_models.py --out .models/tiny
+
+``--dit-dim`` (with ``--dit-blocks``, ``--dit-ffn-dim``, ``--token-dim``, ``--dtype``) writes only the DiT files at
+another width, for memory benchmarks: e.g. the Wan 2.1 1.3B shape with image conditioning (dim 1536, 30 blocks,
+FFN 8960, emotion tokens of 2048, bf16) gives a 3.1 GB Wan file, a 1.8 GB FlashPortrait overlay and, with
+``--complete``, a 3.5 GB FlashPortrait file holding the whole DiT::
+
+    python scripts/make_tiny_models.py --out DIR --dit-dim 1536 --dit-blocks 30 --dit-ffn-dim 8960 \\
+        --token-dim 2048 --dtype bfloat16 --complete
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -29,8 +38,9 @@ import torch
 from safetensors.torch import save_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
+for _folder in (REPO_ROOT, REPO_ROOT / "scripts"):  # imported by benchmarks too: ComfyUI's `nodes` stays first
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
 
 from flashportrait_core.conditioning.prompt_file import save_conditioning_file  # noqa: E402
 from flashportrait_core.expression.pdfgc import random_fan_encoder_state_dict  # noqa: E402
@@ -51,6 +61,17 @@ EMOTION_TOKEN_DIM = 64  # output width of the tiny portrait encoder (2048 in the
 VAE_DIM = 16
 
 
+class _CastingDict(dict):
+    """A dict that stores every tensor in ``dtype`` as it is set (wide models are drawn one tensor at a time)."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        super().__setitem__(key, value.to(self.dtype))
+
+
 def _linear(sd: dict, name: str, out_dim: int, in_dim: int, gen: torch.Generator, bias: bool = True) -> None:
     sd[f"{name}.weight"] = torch.randn(out_dim, in_dim, generator=gen) / math.sqrt(in_dim)
     if bias:
@@ -58,10 +79,11 @@ def _linear(sd: dict, name: str, out_dim: int, in_dim: int, gen: torch.Generator
 
 
 def wan_i2v_dit_state_dict(seed: int, dim: int = DIT_DIM, ffn_dim: int = DIT_FFN_DIM,
-                           num_blocks: int = DIT_BLOCKS) -> dict[str, torch.Tensor]:
-    """A Wan 2.1 I2V DiT with the published key names (as in the official Wan checkpoints)."""
+                           num_blocks: int = DIT_BLOCKS, dtype: torch.dtype = torch.float32
+                           ) -> dict[str, torch.Tensor]:
+    """A Wan 2.1 I2V DiT with the published key names (as in the official Wan checkpoints), stored in ``dtype``."""
     gen = torch.Generator().manual_seed(seed)
-    sd: dict[str, torch.Tensor] = {}
+    sd: dict[str, torch.Tensor] = _CastingDict(dtype)
     sd["patch_embedding.weight"] = torch.randn(dim, I2V_IN_DIM, 1, 2, 2, generator=gen) / math.sqrt(I2V_IN_DIM * 4)
     sd["patch_embedding.bias"] = torch.zeros(dim)
     _linear(sd, "text_embedding.0", dim, TEXT_DIM, gen)
@@ -92,7 +114,7 @@ def wan_i2v_dit_state_dict(seed: int, dim: int = DIT_DIM, ffn_dim: int = DIT_FFN
     _linear(sd, "img_emb.proj.3", dim, CLIP_DIM, gen)
     sd["img_emb.proj.4.weight"] = torch.ones(dim)
     sd["img_emb.proj.4.bias"] = torch.zeros(dim)
-    return sd
+    return dict(sd)
 
 
 def flashportrait_overlay_state_dict(seed: int, base: dict[str, torch.Tensor],
@@ -103,14 +125,15 @@ def flashportrait_overlay_state_dict(seed: int, base: dict[str, torch.Tensor],
     head are absent, so loading must take them from the base model.
     """
     gen = torch.Generator().manual_seed(seed)
-    overlay = {k: v + 0.05 * torch.randn(v.shape, generator=gen) * v.std().clamp_min(1e-3)
+    dtype = base["head.modulation"].dtype
+    overlay = {k: (v + 0.05 * torch.randn(v.shape, generator=gen) * v.float().std().clamp_min(1e-3)).to(dtype)
                for k, v in base.items() if ".self_attn." in k or ".cross_attn." in k}
     dim = base["head.modulation"].shape[-1]
     num_blocks = len({k.split(".")[1] for k in base if k.startswith("blocks.")})
     for i in range(num_blocks):
         for name in ("emo_k_proj", "emo_v_proj"):
             overlay[f"blocks.{i}.cross_attn.{name}.weight"] = (
-                torch.randn(dim, token_dim, generator=gen) / math.sqrt(token_dim))
+                torch.randn(dim, token_dim, generator=gen) / math.sqrt(token_dim)).to(dtype)
     return overlay
 
 
@@ -203,12 +226,74 @@ def write_tiny_models(out_dir: Path, seed: int = 0) -> dict[str, Path]:
     return paths
 
 
+_SAFETENSORS_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                            torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
+def save_safetensors_streaming(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``safetensors.torch.save_file`` without its in-memory copy of every tensor: header, then each tensor's bytes."""
+    header, offset = {}, 0
+    for key, tensor in tensors.items():
+        header[key] = {"dtype": _SAFETENSORS_DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                       "data_offsets": [offset, offset + tensor.nbytes]}
+        offset += tensor.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as handle:
+        handle.write(len(encoded).to_bytes(8, "little") + encoded)
+        for tensor in tensors.values():
+            handle.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+def write_dit_checkpoints(out_dir: Path, dim: int, num_blocks: int, ffn_dim: int, token_dim: int,
+                          dtype: torch.dtype = torch.bfloat16, seed: int = 0, complete: bool = False
+                          ) -> dict[str, Path]:
+    """Only the DiT files at a chosen width, for memory benchmarks: the Wan base (safetensors), the FlashPortrait
+    overlay (torch zip pickle under "state_dict", as published) and, with ``complete``, a FlashPortrait file that
+    holds the whole DiT (base with the overlay applied, plus the emotion projections)."""
+    stem = f"dim{dim}x{num_blocks}"
+    paths = {"wan": out_dir / "diffusion_models" / f"wan2.1_i2v_{stem}.safetensors",
+             "transformer": out_dir / "flashportrait" / f"transformer_{stem}.pt"}
+    if complete:
+        paths["transformer_complete"] = out_dir / "flashportrait" / f"transformer_complete_{stem}.pt"
+    for path in paths.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    base = wan_i2v_dit_state_dict(seed, dim=dim, ffn_dim=ffn_dim, num_blocks=num_blocks, dtype=dtype)
+    save_safetensors_streaming(base, paths["wan"])
+    overlay = flashportrait_overlay_state_dict(seed + 1, base, token_dim=token_dim)
+    torch.save({"state_dict": overlay}, paths["transformer"])
+    if complete:
+        base.update(overlay)
+        del overlay
+        torch.save({"state_dict": base}, paths["transformer_complete"])
+    return paths
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / ".models" / "tiny")
     parser.add_argument("--seed", type=int, default=0)
+    wide = parser.add_argument_group("DiT files at another width (no other model is written)")
+    wide.add_argument("--dit-dim", type=int, help="DiT width (a multiple of 128; the 14B model has 5120)")
+    wide.add_argument("--dit-blocks", type=int, default=DIT_BLOCKS, help="DiT blocks (the 14B model has 40)")
+    wide.add_argument("--dit-ffn-dim", type=int, help="FFN width (default 2x the DiT width)")
+    wide.add_argument("--token-dim", type=int, default=EMOTION_TOKEN_DIM,
+                      help="emotion token width (the published portrait encoder gives 2048)")
+    wide.add_argument("--dtype", choices=list(_DTYPES), default="float32")
+    wide.add_argument("--complete", action="store_true", help="also a FlashPortrait file holding the whole DiT")
     args = parser.parse_args()
-    for role, path in write_tiny_models(args.out, args.seed).items():
+    if args.dit_dim is not None:
+        if args.dit_dim % 128 or args.dit_dim <= 0:
+            parser.error(f"--dit-dim must be a positive multiple of 128 (ComfyUI uses dim // 128 heads), got "
+                         f"{args.dit_dim}")
+        written = write_dit_checkpoints(args.out, args.dit_dim, args.dit_blocks, args.dit_ffn_dim or 2 * args.dit_dim,
+                                        args.token_dim, _DTYPES[args.dtype], args.seed, args.complete)
+    else:
+        written = write_tiny_models(args.out, args.seed)
+    for role, path in written.items():
         print(f"{role:24s} {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds what the project's commands need, idempotently: the virtual environment .venv with the pinned
 # packages, and the ComfyUI 0.3.75 host with this pack linked in. A second run takes seconds.
+# Test-only system packages (Chromium for the browser test) are installed by scripts/test.sh, not here.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -31,15 +32,3 @@ fi
 
 step "ComfyUI host"
 .venv/bin/python scripts/host.py provision >&2
-
-# The browser test drives Debian's Chromium headless over the DevTools protocol. Installed only as root where
-# apt is available; anywhere else the test is skipped and says which browser is missing.
-if ! command -v chromium >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    step "Chromium (browser test)"
-    { DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >&2 \
-      || echo "warning: Debian's chromium package could not be installed; the browser test will be skipped" >&2
-  else
-    echo "note: no chromium (Debian package 'chromium'); the browser test will be skipped" >&2
-  fi
-fi

@@ -365,7 +365,7 @@ async def _run_browser(server_url: str, workflows: list[Path], out_dir: Path, br
 def browser_results(comfy_server, tmp_path_factory):
     browser = _browser()
     if browser is None:
-        pytest.skip(f"no Chromium found ({', '.join(BROWSER_NAMES)}); scripts/setup.sh installs Debian's "
+        pytest.skip(f"no Chromium found ({', '.join(BROWSER_NAMES)}); scripts/test.sh installs Debian's "
                     f"'chromium' package when run as root")
     out_dir = tmp_path_factory.mktemp("screenshots")
     return asyncio.run(_run_browser(comfy_server.url, WORKFLOWS, out_dir, browser))

@@ -9,9 +9,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from flashportrait_core.checkpoints import (CheckpointError, convert_to_safetensors, describe_dit,
-                                            identify_checkpoint, load_state_dict, merge_flashportrait_dit,
-                                            preferred_checkpoint, split_emotion_projections, strip_dit_prefix)
+from flashportrait_core.checkpoints import (BASE, FLASHPORTRAIT, CheckpointError, convert_to_safetensors,
+                                            describe_dit, flashportrait_holds_complete_dit, identify_checkpoint,
+                                            load_state_dict, merge_flashportrait_dit, missing_wan_i2v_keys,
+                                            plan_flashportrait_dit, scaled_fp8_format, split_emotion_projections,
+                                            strip_dit_prefix, wan_i2v_keys)
 from flashportrait_core import checkpoints
 from scripts import convert_checkpoint as convert_cli
 
@@ -148,21 +150,6 @@ def test_converter_cli_refuses_a_malicious_pickle(tmp_path, capsys):
     assert not marker.exists() and not (tmp_path / "bad.safetensors").exists()
 
 
-def test_loaders_prefer_the_safetensors_twin_of_a_pickle(tmp_path):
-    torch.save({"state_dict": _overlay()}, tmp_path / "transformer.pt")
-    assert preferred_checkpoint(tmp_path / "transformer.pt") == tmp_path / "transformer.pt"  # no twin yet
-    twin = convert_to_safetensors(tmp_path / "transformer.pt")
-    assert preferred_checkpoint(tmp_path / "transformer.pt") == twin
-    assert preferred_checkpoint(twin) == twin
-    torch.save(_overlay(), tmp_path / "other.pth")
-    assert preferred_checkpoint(tmp_path / "other.pth") == tmp_path / "other.pth"  # another stem is no twin
-    # A twin is read without unpickling: a pickle that would run code is never opened once converted.
-    marker = tmp_path / "payload_ran"
-    torch.save({"payload": WritesMarker(marker)}, tmp_path / "transformer.pt")
-    loaded = load_state_dict(preferred_checkpoint(tmp_path / "transformer.pt"))
-    assert loaded.keys() == _overlay().keys() and not marker.exists()
-
-
 def test_failed_conversion_leaves_no_partial_file(tmp_path, monkeypatch):
     torch.save(_overlay(), tmp_path / "t.pt")
 
@@ -175,3 +162,58 @@ def test_failed_conversion_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         convert_to_safetensors(tmp_path / "t.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.pt"]
+
+
+def _complete_dit(blocks=2, dim=8, token_dim=4):
+    """Every Wan 2.1 I2V key (shapes do not matter to the layout) plus the emotion projections: meta tensors."""
+    sd = {k: torch.empty(dim, dim, device="meta") for k in wan_i2v_keys(blocks)}
+    sd["head.modulation"] = torch.empty(1, 2, dim, device="meta")
+    sd["patch_embedding.weight"] = torch.empty(dim, 36, 1, 2, 2, device="meta")
+    for i in range(blocks):
+        for name in ("emo_k_proj", "emo_v_proj"):
+            sd[f"blocks.{i}.cross_attn.{name}.weight"] = torch.empty(dim, token_dim, device="meta")
+    return sd
+
+
+def test_a_complete_flashportrait_file_needs_no_base():
+    complete = {f"model.diffusion_model.{k}": v for k, v in _complete_dit().items()}
+    assert flashportrait_holds_complete_dit(complete)
+    layout = plan_flashportrait_dit(complete, None, flashportrait_name="full.pt")
+    assert layout.complete and layout.overlaid == len(layout.weights) == len(wan_i2v_keys(2))
+    assert layout.weights["blocks.1.ffn.0.weight"] == (FLASHPORTRAIT, "model.diffusion_model.blocks.1.ffn.0.weight")
+    assert layout.emotion[1]["emo_v_proj"] == "model.diffusion_model.blocks.1.cross_attn.emo_v_proj.weight"
+    assert layout.describe("none", "full.pt") == ("full.pt holds a complete Wan 2.1 I2V DiT (87 weights) and emotion "
+                                                  "attention in 2 blocks; no Wan base file is read")
+    # One weight short and the file is an overlay: without a base it is refused, naming what is missing.
+    partial = {k: v for k, v in complete.items() if k != "model.diffusion_model.blocks.1.ffn.2.bias"}
+    assert not flashportrait_holds_complete_dit(partial)
+    assert missing_wan_i2v_keys(strip_dit_prefix(partial), 2) == ["blocks.1.ffn.2.bias"]
+    with pytest.raises(CheckpointError, match=r"part.pt holds only part of the Wan DiT \(86 weights, 1 missing, "
+                                              r"e\.g\. \['blocks\.1\.ffn\.2\.bias'\]\): select the Wan 2\.1 I2V "
+                                              r"14B model in wan_model"):
+        plan_flashportrait_dit(partial, None, flashportrait_name="part.pt")
+    with pytest.raises(CheckpointError, match=r"holds only part of the Wan DiT \(2 weights, 85 missing"):
+        plan_flashportrait_dit(_overlay(), None)
+
+
+def test_overlay_layout_reads_each_weight_from_one_file():
+    layout = plan_flashportrait_dit(_overlay(), _dit(), wan_name="wan.safetensors", flashportrait_name="fp.pt")
+    assert not layout.complete
+    assert layout.weights["blocks.0.self_attn.q.weight"] == (FLASHPORTRAIT, "blocks.0.self_attn.q.weight")
+    assert layout.weights["blocks.0.ffn.0.weight"] == (BASE, "blocks.0.ffn.0.weight")
+    assert layout.describe("wan.safetensors", "fp.pt") == (
+        "fp.pt laid over wan.safetensors: 2 of 8 weights from fp.pt, the other 6 from wan.safetensors; emotion "
+        "attention in 2 blocks")
+
+
+def test_scaled_fp8_base_is_refused_naming_what_to_use():
+    scaled = {**_dit(), "scaled_fp8": torch.zeros(2, dtype=torch.float8_e4m3fn),
+              "blocks.0.self_attn.q.scale_weight": torch.ones(1)}
+    assert scaled_fp8_format(scaled) and scaled_fp8_format(_dit(), {"_quantization_metadata": "{}"})
+    assert not scaled_fp8_format({k: v.to(torch.float8_e4m3fn) for k, v in _dit().items()})  # plain fp8
+    with pytest.raises(CheckpointError, match=r"wan_fp8_scaled\.safetensors is ComfyUI's scaled fp8 format .* "
+                                              r"wan2\.1_i2v_720p_14B_bf16\.safetensors, and set weight_dtype to "
+                                              r"fp8_e4m3fn"):
+        plan_flashportrait_dit(_overlay(), scaled, wan_name="wan_fp8_scaled.safetensors")
+    # A complete FlashPortrait file needs no base, so a scaled base is never read and never refused.
+    assert plan_flashportrait_dit(_complete_dit(), None).complete

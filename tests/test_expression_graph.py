@@ -54,7 +54,9 @@ def test_file_node_runs_and_is_cached_until_the_file_changes(comfy_server) -> No
                                  "interpolation; 25 fps, resampled from 4 frames at 30 fps; smoothing 0.5; "
                                  "faces: mediapipe")
     assert _text(first, "4") == "3"
-    assert not {"1", "2"} & _cached_nodes(first)
+    # The file is new to this server, so its extraction runs; the model loader may be cached from an earlier graph
+    # on the same server (its inputs are the same in every graph that uses the tiny expression encoder).
+    assert "2" not in _cached_nodes(first)
     # The same graph again: nothing is recomputed.
     assert {"1", "2"} <= _cached_nodes(run(_prompt(video.name)))
     # Another setting: the extraction runs again, the model loader stays cached.

@@ -1,10 +1,12 @@
 """The ComfyUI host: provisioning checks, the pack link, and a real server on loopback."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -103,7 +105,8 @@ def test_model_paths_yaml_lists_every_model_folder(tmp_path):
 def test_server_answers_with_the_expected_version_and_folders(comfy_server, tiny_models_dir):
     stats = comfy_client.system_stats(comfy_server.url)
     assert stats["system"]["comfyui_version"] == "0.3.75"
-    assert stats["devices"][0]["type"] == "cpu"
+    # ComfyUI runs on the CPU exactly when no accelerator was found (or the CPU was asked for).
+    assert (stats["devices"][0]["type"] == "cpu") == comfy_server.device.startswith("cpu")
     argv = stats["system"]["argv"]
     assert argv[argv.index("--output-directory") + 1] == str(comfy_server.output_dir.resolve())
     assert argv[argv.index("--input-directory") + 1] == str(comfy_server.input_dir.resolve())
@@ -137,3 +140,62 @@ def test_failed_start_reports_the_log_tail(tmp_path):
     with pytest.raises(host.ServerStartError, match=r"(?s)exited with code 3.*fatal: no torch here"):
         host.start_server(tmp_path / "models", tmp_path / "in", tmp_path / "out", comfyui_dir=fake,
                           startup_timeout=30)
+
+
+def _fake_comfyui(tmp_path: Path) -> Path:
+    """A ComfyUI folder whose main.py exits at once: the server log's first line is the command it was given."""
+    fake = tmp_path / "ComfyUI"
+    fake.mkdir(parents=True)
+    (fake / "main.py").write_text("import sys\nsys.exit(3)\n")
+    return fake
+
+
+def _server_command(tmp_path: Path, **options) -> list[str]:
+    with pytest.raises(host.ServerStartError) as raised:
+        host.start_server(tmp_path / "models", tmp_path / "in", tmp_path / "out", comfyui_dir=_fake_comfyui(tmp_path),
+                          startup_timeout=30, **options)
+    first_line = str(raised.value).split("\n", 1)[1].splitlines()[0]
+    assert first_line.startswith("$ ") and " main.py " in first_line, first_line
+    return first_line[2:].split()
+
+
+def test_server_runs_on_the_gpu_when_an_accelerator_is_reported(tmp_path, monkeypatch):
+    # Only the device query is replaced (no GPU exists here); the command is the one start_server really runs.
+    monkeypatch.setattr(host, "accelerator", lambda python: "cuda: NVIDIA H200")
+    command = _server_command(tmp_path / "gpu", extra_args=["--lowvram", "--reserve-vram", "1.5"])
+    assert "--cpu" not in command
+    assert command[-3:] == ["--lowvram", "--reserve-vram", "1.5"]
+    assert "--cpu" in _server_command(tmp_path / "asked", device="cpu")  # the CPU when asked, GPU or not
+
+
+def test_server_runs_on_the_cpu_when_no_accelerator_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setattr(host, "accelerator", lambda python: None)
+    command = _server_command(tmp_path)
+    assert command[command.index("main.py") + 1] == "--cpu"
+
+
+def test_device_query_agrees_with_torch_here():
+    import torch
+
+    found = host.accelerator(sys.executable)
+    has_gpu = torch.cuda.is_available() or torch.backends.mps.is_available() or (
+        hasattr(torch, "xpu") and torch.xpu.is_available())
+    assert (found is not None) == has_gpu, found
+    assert host.accelerator("/no/such/python") is None
+    with pytest.raises(host.HostError, match="'auto' or 'cpu'"):
+        host.device_arguments("gpu", sys.executable)
+
+
+def test_comfyui_flags_pass_through():
+    parser = argparse.ArgumentParser()
+    host.add_comfyui_arguments(parser)
+    args = parser.parse_args(["--lowvram", "--reserve-vram", "2", "--use-sage-attention"])
+    assert host.comfyui_arguments(args) == ("auto", ["--lowvram", "--use-sage-attention", "--reserve-vram", "2"])
+    assert host.comfyui_arguments(parser.parse_args(["--cpu"])) == ("cpu", [])
+    assert host.comfyui_arguments(parser.parse_args([])) == ("auto", [])
+    with pytest.raises(host.HostError, match="--reserve-vram must be 0 or more"):
+        host.comfyui_arguments(parser.parse_args(["--reserve-vram", "-1"]))
+    with pytest.raises(SystemExit):  # ComfyUI takes one VRAM mode and one attention implementation
+        parser.parse_args(["--lowvram", "--novram"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--use-sage-attention", "--use-pytorch-cross-attention"])

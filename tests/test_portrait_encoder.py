@@ -17,6 +17,7 @@ from flashportrait_core.conditioning.portrait_encoder import (
     load_portrait_encoder,
     portrait_encoder_config_from_state_dict,
     random_portrait_encoder_state_dict,
+    split_portrait_encoder_keys,
 )
 
 
@@ -207,3 +208,24 @@ def test_different_seeds_give_different_weights():
     assert not torch.equal(a["mouth_proj_model.latents"], b["mouth_proj_model.latents"])
     with pytest.raises(ValueError, match="dim_head"):
         random_portrait_encoder_state_dict(heads=2, dim_head=32)
+
+
+def test_loader_ignores_keys_outside_the_encoder_as_published(state_dict):
+    # The published infer.py keeps only the three encoder prefixes of portrait_encoder.pt (e.g. a file saved with
+    # training state beside the weights); such a file loads, and the other keys are named.
+    extended = {**state_dict, "optimizer.step": torch.tensor(1200), "ip_adapter.blocks.0.k.weight": torch.zeros(2, 2)}
+    kept, ignored = split_portrait_encoder_keys({"state_dict": extended})
+    assert kept.keys() == state_dict.keys()
+    assert ignored == ["ip_adapter.blocks.0.k.weight", "optimizer.step"]
+    encoder = load_portrait_encoder(extended)
+    features = torch.randn(3, 554, generator=torch.Generator().manual_seed(0))
+    reference = load_portrait_encoder(state_dict)
+    assert torch.equal(encoder.float()(features), reference.float()(features))
+    # Needed keys still count: a missing one, or an unknown one under an encoder prefix, is refused.
+    missing = {k: v for k, v in extended.items() if k != "emo_proj_model.norm_out.weight"}
+    with pytest.raises(ValueError, match=r"missing keys \['emo_proj_model\.norm_out\.weight'\]"):
+        load_portrait_encoder(missing)
+    with pytest.raises(ValueError, match=r"unexpected keys \['mouth_proj_model\.extra\.weight'\]"):
+        load_portrait_encoder({**extended, "mouth_proj_model.extra.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"no key of FlashPortrait's portrait_encoder\.pt.*\['ip_adapter', 'optimizer'\]"):
+        load_portrait_encoder({"optimizer.step": torch.tensor(1), "ip_adapter.w": torch.zeros(1)})

@@ -129,6 +129,7 @@ def test_loader_dropdowns_list_the_files_in_the_model_folders(comfy_object_info,
     assert sorted(options("FlashPortraitModelLoader", "flashportrait_weights")) == weights
     assert sorted(options("FlashPortraitPortraitEncoderLoader", "portrait_encoder")) == weights
     assert sorted(options("FlashPortraitExpressionModelLoader", "expression_encoder")) == weights
-    assert options("FlashPortraitModelLoader", "wan_model") == ["wan2.1_i2v_tiny.safetensors"]
+    # "none": for a FlashPortrait file that holds the whole DiT (no Wan base is read).
+    assert options("FlashPortraitModelLoader", "wan_model") == ["wan2.1_i2v_tiny.safetensors", "none"]
     assert options("FlashPortraitLoadConditioning", "conditioning") == ["tiny_prompt.safetensors"]
     assert "fast_lora_tiny.safetensors" in options("LoraLoaderModelOnly", "lora_name")

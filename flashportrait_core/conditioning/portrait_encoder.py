@@ -28,6 +28,8 @@ DEFAULT_DIM_HEAD = 64
 #: Tokens the shared projection makes per frame (one per feature part).
 PROJ_TOKENS_PER_FRAME = 4
 
+#: The parts of the encoder in a checkpoint; the published loader reads these three prefixes and nothing else.
+ENCODER_PREFIXES: tuple[str, ...] = ("proj_model.", "mouth_proj_model.", "emo_proj_model.")
 _EXPECTED_FILE = "FlashPortrait's portrait_encoder.pt (keys under proj_model., mouth_proj_model., emo_proj_model.)"
 
 
@@ -295,13 +297,26 @@ def portrait_encoder_config_from_state_dict(state_dict: dict,
     return config
 
 
-def load_portrait_encoder(state_dict: dict, dim_head: int = DEFAULT_DIM_HEAD) -> PortraitEncoder:
-    """Build a portrait encoder shaped by ``state_dict`` and load it strictly, in eval mode.
-
-    The module is built on the meta device and takes the given tensors as its parameters (no second
-    copy of the weights, tensors keep their dtype and device).
-    """
+def split_portrait_encoder_keys(state_dict: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(the encoder's weights, the other keys) of a checkpoint: as published, only keys under
+    ``proj_model.``/``mouth_proj_model.``/``emo_proj_model.`` belong to the encoder; any other key is ignored."""
     state_dict = unwrap_state_dict(state_dict)
+    kept = {k: v for k, v in state_dict.items() if k.startswith(ENCODER_PREFIXES)}
+    return kept, sorted(state_dict.keys() - kept.keys())
+
+
+def load_portrait_encoder(state_dict: dict, dim_head: int = DEFAULT_DIM_HEAD) -> PortraitEncoder:
+    """Build a portrait encoder shaped by ``state_dict`` and load it in eval mode.
+
+    Keys outside the three encoder prefixes are ignored (``split_portrait_encoder_keys``), as the published loader
+    does; within them the load is strict, like the published per-part ``load_state_dict``. The module is built on
+    the meta device and takes the given tensors as its parameters (no second copy of the weights, tensors keep
+    their dtype and device).
+    """
+    state_dict, ignored = split_portrait_encoder_keys(state_dict)
+    if not state_dict:
+        prefixes = sorted({k.split(".", 1)[0] for k in ignored})[:8]
+        raise ValueError(f"weights have no key of {_EXPECTED_FILE}; top-level prefixes found: {prefixes}")
     config = portrait_encoder_config_from_state_dict(state_dict, dim_head)
     with torch.device("meta"):
         encoder = PortraitEncoder(config)
