@@ -30,6 +30,9 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path.name} is an empty file (0 bytes): its download or copy did not finish; "
+                              f"download it again")
     if path.suffix.lower() in (".safetensors", ".sft"):
         try:
             return load_file(str(path))

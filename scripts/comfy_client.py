@@ -19,7 +19,8 @@ end's own "queue" step does it:
   matching type instead (same slot index first, as the front end does).
 
 Client functions use only the standard library: ``object_info``, ``queue_prompt``, ``wait_for_result``,
-``interrupt``, ``system_stats``.
+``interrupt``, ``cancel_prompt``, ``system_stats``. ``queue_prompt`` fails with every node error (node, input,
+ComfyUI's message) also when the server accepts a prompt but would skip the nodes it rejected.
 """
 from __future__ import annotations
 

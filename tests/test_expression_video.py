@@ -50,21 +50,25 @@ def test_clear_errors_for_unusable_files(tmp_path: Path) -> None:
     assert issubclass(VideoReadError, ValueError)
 
 
-def write_variable_rate_video(path: Path, intervals_ms: list[int]) -> None:
-    """A small H.264 file whose frames are the given milliseconds apart (a phone's variable frame rate)."""
+def write_variable_rate_video(path: Path, intervals_ms: list[int], images=None) -> None:
+    """An H.264 file whose frames are the given milliseconds apart (a phone's variable frame rate): flat grey
+    64x64 frames, or ``images`` [len(intervals_ms) + 1, H, W, 3] uint8."""
     from fractions import Fraction
 
     import av
     import numpy as np
 
+    count = len(intervals_ms) + 1
+    if images is None:
+        images = np.stack([np.full((64, 64, 3), index * 8 % 256, np.uint8) for index in range(count)])
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=25)
-        stream.width = stream.height = 64
+        stream.height, stream.width = images.shape[1:3]
         stream.pix_fmt = "yuv420p"
         stream.codec_context.time_base = Fraction(1, 1000)
         time = 0
-        for index, interval in enumerate([*intervals_ms, 40]):
-            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), index * 8 % 256, np.uint8), format="rgb24")
+        for image, interval in zip(images, [*intervals_ms, 40]):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
             frame.pts, frame.time_base = time, Fraction(1, 1000)
             time += interval
             container.mux(stream.encode(frame))
