@@ -11,10 +11,9 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..flashportrait_core.video_writer import AudioTrack, StreamingVideoWriter, check_audio_file
-from .input_files import InputFileError, resolve_input_file
+from .input_files import NAME_MAX, InputFileError, resolve_input_file
 from .wan_vae_stream import StreamDecoder, is_wan21_vae
 
-NAME_MAX = 255  # bytes of one path component on the common file systems
 COUNTER_SUFFIX = "_00000_.mp4"  # what the node appends to the prefix's file name
 
 
