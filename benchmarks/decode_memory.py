@@ -5,7 +5,7 @@ the tiny model of the tests; ``--width 96``: the published VAE's width), decodes
 square video (frame 1 gives 4 video frames, the cost of every later frame) whole or in ComfyUI's tiles, and prints
 one JSON line: peak resident memory above the loaded model, seconds per latent frame (the longest an interrupt
 waited when decoding was checked only between latent frames), and how long an interrupt raised in the middle of
-latent frame 1 took to stop it now that every decoder layer checks (median of 3). ComfyUI's own estimate of one
+latent frame 1 took to stop it now that every decoder layer checks (median of ``--interrupts`` tries). ComfyUI's own estimate of one
 frame's decoding memory is printed beside it (the figure that picks tiles on a CPU).
 
     .venv/bin/python benchmarks/decode_memory.py                    # tiny width: 720, 1024, 2048; whole and tiled
@@ -33,7 +33,7 @@ def _rss_mb() -> float:
         return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def worker(width: int, side: int, mode: str) -> dict:
+def worker(width: int, side: int, mode: str, interrupts: int) -> dict:
     import torch
 
     from pack import import_pack
@@ -60,7 +60,7 @@ def worker(width: int, side: int, mode: str) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
 
     latencies = []
-    for _ in range(3):  # interrupt halfway through latent frame 1
+    for _ in range(interrupts):  # interrupt halfway through latent frame 1
         asked = {}
 
         def interrupt() -> None:
@@ -89,16 +89,17 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=16, help="VAE width (16: tiny, 96: the published VAE's)")
     parser.add_argument("--sides", type=int, nargs="+", default=[720, 1024, 2048])
     parser.add_argument("--modes", nargs="+", default=["whole", "tiled"], choices=["whole", "tiled"])
+    parser.add_argument("--interrupts", type=int, default=1, help="interrupted decodes per case")
     parser.add_argument("--worker", nargs=3, metavar=("WIDTH", "SIDE", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         width, side, mode = args.worker
-        print(json.dumps(worker(int(width), int(side), mode)), flush=True)
+        print(json.dumps(worker(int(width), int(side), mode, args.interrupts)), flush=True)
         return
     for side in args.sides:
         for mode in args.modes:
-            result = subprocess.run([sys.executable, __file__, "--worker", str(args.width), str(side), mode],
-                                    capture_output=True, text=True)
+            result = subprocess.run([sys.executable, __file__, "--worker", str(args.width), str(side), mode,
+                                     "--interrupts", str(args.interrupts)], capture_output=True, text=True)
             lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
             print(lines[-1] if lines else json.dumps({"side": side, "mode": mode, "failed": result.stderr[-500:]}),
                   flush=True)

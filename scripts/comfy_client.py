@@ -337,7 +337,9 @@ def system_stats(url: str, timeout: float = 10.0) -> dict:
 
 def _node_label(node_id: str, class_type: str, prompt: dict | None) -> str:
     title = ((prompt or {}).get(node_id) or {}).get("_meta", {}).get("title")
-    return f"node {node_id} '{title}' ({class_type})" if title and title != class_type else f"node {node_id} ({class_type})"
+    if title and title != class_type:
+        return f"node {node_id} '{title}' ({class_type})"
+    return f"node {node_id} ({class_type})"
 
 
 def node_error_lines(node_errors: dict | None, prompt: dict | None = None) -> list[str]:

@@ -211,7 +211,8 @@ def empty_checkpoint(comfy_server, tiny_models_dir):
 
 
 def test_empty_checkpoint_is_named(server, empty_checkpoint):
-    graph = {"1": {"class_type": "FlashPortraitPortraitEncoderLoader", "inputs": {"portrait_encoder": empty_checkpoint}},
+    graph = {"1": {"class_type": "FlashPortraitPortraitEncoderLoader",
+                   "inputs": {"portrait_encoder": empty_checkpoint}},
              "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
     error = server.failure(graph)
     assert f"{empty_checkpoint} is an empty file (0 bytes): its download or copy did not finish; download it " \
