@@ -7,6 +7,7 @@ from typing_extensions import override
 from .conditioning import (FlashPortraitEmotionConditioning, FlashPortraitLoadConditioning,
                            FlashPortraitSaveConditioning)
 from .decode import FlashPortraitDecodeToVideo
+from .guider_nodes import FlashPortraitGuiderNode, FlashPortraitSchedule
 from .expressions import (FlashPortraitExtractExpressions, FlashPortraitExtractExpressionsFromVideo,
                           FlashPortraitPlotExpressions, FlashPortraitPreviewFaces)
 from .loaders import (FlashPortraitExpressionModelLoader, FlashPortraitModelLoader,
@@ -34,6 +35,8 @@ class FlashPortraitExtension(ComfyExtension):
             FlashPortraitEmotionConditioning,
             FlashPortraitWindows,
             FlashPortraitSampler,
+            FlashPortraitGuiderNode,
+            FlashPortraitSchedule,
             FlashPortraitDecodeToVideo,
             FlashPortraitSaveConditioning,
             FlashPortraitLoadConditioning,

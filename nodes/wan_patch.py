@@ -21,10 +21,23 @@ BLOCK_PROBE_KEY = "flashportrait_block_probe"
 
 @dataclass(frozen=True)
 class EmotionPass:
-    """Emotion conditioning of one model pass: tokens [B, L, M, D] for the L latent frames, and strength."""
+    """Emotion conditioning of the model passes of one window: tokens [1, L, M, D] for its L latent frames, and
+    the strength of each pass by its index in the conditions ComfyUI batches (``cond_or_uncond``).
+
+    Passes batched into one model call share the tokens; a pass at ip_scale 0 (no_emo, no_cond) is the plain Wan
+    block for its batch entries. A single float ``ip_scales`` applies to every entry.
+    """
 
     tokens: torch.Tensor
-    ip_scale: float
+    ip_scales: tuple[float, ...] | float
+
+    def batch_scales(self, batch: int, cond_or_uncond: list[int] | None) -> torch.Tensor:
+        """ip_scale of each of the ``batch`` entries (chunks of equal size, one per entry of cond_or_uncond)."""
+        if isinstance(self.ip_scales, (int, float)):
+            return torch.full((batch,), float(self.ip_scales))
+        passes = cond_or_uncond if cond_or_uncond else [0]
+        per_pass = batch // len(passes)
+        return torch.tensor([float(self.ip_scales[index]) for index in passes]).repeat_interleave(per_pass)
 
 
 @dataclass
@@ -63,9 +76,13 @@ def attach_emotion_projections(diffusion_model: torch.nn.Module,
 
 
 def emotion_cross_attention(attn: torch.nn.Module, x: torch.Tensor, context: torch.Tensor,
-                            context_img_len: int, emotion: EmotionPass,
+                            context_img_len: int, tokens: torch.Tensor, ip_scale: torch.Tensor | float,
                             transformer_options: dict | None = None) -> torch.Tensor:
-    """Wan I2V cross-attention (text + CLIP image) plus the normalized frame-local emotion attention."""
+    """Wan I2V cross-attention (text + CLIP image) plus the normalized frame-local emotion attention.
+
+    Every attention goes through ComfyUI's ``optimized_attention``, so the attention backend chosen at start-up
+    (sage, flash, xformers, PyTorch) runs the emotion attention too.
+    """
     transformer_options = transformer_options or {}
     context_img, context_text = context[:, :context_img_len], context[:, context_img_len:]
     q = attn.norm_q(attn.q(x))
@@ -74,9 +91,14 @@ def emotion_cross_attention(attn: torch.nn.Module, x: torch.Tensor, context: tor
     image = optimized_attention(q, attn.norm_k_img(attn.k_img(context_img)), attn.v_img(context_img),
                                 heads=attn.num_heads, transformer_options=transformer_options)
     attention_sum = text + image
-    tokens = emotion.tokens.to(device=x.device, dtype=x.dtype)
-    emotion_out = frame_local_attention(q, attn.emo_k_proj(tokens), attn.emo_v_proj(tokens), attn.num_heads)
-    return attn.o(add_normalized_emotion(attention_sum, emotion_out, emotion.ip_scale))
+    tokens = tokens.to(device=x.device, dtype=x.dtype).expand(x.shape[0], *tokens.shape[1:])
+
+    def host_attention(q_frames, k_frames, v_frames, heads):
+        return optimized_attention(q_frames, k_frames, v_frames, heads=heads, transformer_options=transformer_options)
+
+    emotion_out = frame_local_attention(q, attn.emo_k_proj(tokens), attn.emo_v_proj(tokens), attn.num_heads,
+                                        host_attention)
+    return attn.o(add_normalized_emotion(attention_sum, emotion_out, ip_scale))
 
 
 class EmotionBlockPatch:
@@ -88,19 +110,32 @@ class EmotionBlockPatch:
 
     def __call__(self, args: dict, extra: dict) -> dict:
         options = args["transformer_options"]
-        out = self._run(args, extra, options.get(EMOTION_OPTIONS_KEY))
+        emotion = options.get(EMOTION_OPTIONS_KEY)
+        scales = None if emotion is None else emotion.batch_scales(args["img"].shape[0],
+                                                                    options.get("cond_or_uncond"))
+        out = self._run(args, extra, emotion, scales)
         probe = options.get(BLOCK_PROBE_KEY)
         if probe is not None:
-            probe.record(self.index, out["img"])
+            probe.record(self.index, out["img"][self._probed_entries(out["img"].shape[0], options)])
         return out
 
-    def _run(self, args: dict, extra: dict, emotion: EmotionPass | None) -> dict:
-        if emotion is None or emotion.ip_scale == 0:
+    @staticmethod
+    def _probed_entries(batch: int, options: dict) -> slice:
+        """The batch entries of the conditioned pass (condition index 0), which ALP's layer dial follows."""
+        passes = options.get("cond_or_uncond") or [0]
+        per_pass = batch // len(passes)
+        first = passes.index(0) if 0 in passes else 0
+        return slice(first * per_pass, (first + 1) * per_pass)
+
+    def _run(self, args: dict, extra: dict, emotion: EmotionPass | None, scales: torch.Tensor | None) -> dict:
+        if emotion is None or not bool(scales.ne(0).any()):
             return extra["original_block"](args)  # ip_scale 0 is exactly the plain Wan block
         cross_attn = self.block.cross_attn
+        ip_scale = float(scales[0]) if bool(scales.eq(scales[0]).all()) else scales
 
         def forward(x, context, context_img_len, transformer_options=None, **_):
-            return emotion_cross_attention(cross_attn, x, context, context_img_len, emotion, transformer_options)
+            return emotion_cross_attention(cross_attn, x, context, context_img_len, emotion.tokens, ip_scale,
+                                           transformer_options)
 
         cross_attn.forward = forward  # an instance attribute shadows the class's forward for this call only
         try:
