@@ -67,10 +67,11 @@ def worker(width: int, side: int, mode: str, interrupts: int) -> dict:
             asked["at"] = time.perf_counter()
             comfy.model_management.interrupt_current_processing(True)
 
-        timer = threading.Timer(seconds[0] + seconds[1] / 2, interrupt)
-        timer.start()
+        timer = threading.Timer(seconds[1] / 2, interrupt)
         try:
-            list(stream.StreamDecoder(vae, latents, tiled=tiled))
+            for index, _ in enumerate(stream.StreamDecoder(vae, latents, tiled=tiled)):
+                if index == 0:  # latent frame 0 is out: frame 1 starts now
+                    timer.start()
             latencies.append(None)  # finished before the interrupt
         except comfy.model_management.InterruptProcessingException:
             latencies.append(time.perf_counter() - asked["at"])
