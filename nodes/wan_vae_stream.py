@@ -8,8 +8,10 @@ while holding one latent frame's worth of pixels (4 video frames) at a time.
 When a frame does not fit in memory, decoding goes over to ComfyUI's own tiled decoding (what its VAE falls
 back to on out-of-memory: 256 px tiles overlapping by 64 px, blended by ``comfy.utils.tiled_scale_multidim``),
 still one latent frame at a time: every tile keeps its own causal cache, so the frames equal
-``vae.decode_tiled`` of the whole video. Every decoder layer checks ComfyUI's interrupt flag, so a cancel
-lands within one layer's time, not one latent frame's.
+``vae.decode_tiled`` of the whole video. The caches of all tiles together are about as large as a whole
+frame's, so on a GPU they wait in host memory while other tiles decode: the GPU holds one tile's work. Every
+decoder layer checks ComfyUI's interrupt flag, so a cancel lands within one layer's time, not one latent
+frame's.
 """
 from __future__ import annotations
 
@@ -34,6 +36,11 @@ def frame_memory(vae, latents: torch.Tensor) -> int:
     """ComfyUI's estimate (bytes) of decoding one latent frame of ``latents`` whole."""
     frame_shape = (1, latents.shape[1], 1, latents.shape[3], latents.shape[4])
     return int(vae.memory_used_decode(frame_shape, vae.vae_dtype))
+
+
+def _moved(entry, device: torch.device):
+    """A causal-cache entry (a tensor, None, or the decoder's 'Rep' marker) on ``device``."""
+    return entry.to(device) if isinstance(entry, torch.Tensor) else entry
 
 
 def _check_interrupt(module: torch.nn.Module, args: tuple) -> None:
@@ -82,6 +89,8 @@ class StreamDecoder:
     def _tiled_frames(self) -> Iterator[torch.Tensor]:
         caches: list[list] = []  # one causal cache per tile, in the tiler's (fixed) order of tiles
         ratio = self.vae.upscale_ratio
+        device = torch.device(self.vae.device)
+        parked = torch.device("cpu") if device.type != "cpu" else None  # where idle tiles' caches wait
         for index in range(self.latents.shape[2]):
             calls = 0
 
@@ -90,7 +99,12 @@ class StreamDecoder:
                 if calls == len(caches):
                     caches.append([None] * count_conv3d(self.model.decoder))
                 cache, calls = caches[calls], calls + 1
-                return self.model.decoder(self.model.conv2(tile), feat_cache=cache, feat_idx=[0]).float()
+                if parked is not None:
+                    cache[:] = [_moved(entry, device) for entry in cache]
+                pixels = self.model.decoder(self.model.conv2(tile), feat_cache=cache, feat_idx=[0]).float()
+                if parked is not None:
+                    cache[:] = [_moved(entry, parked) for entry in cache]
+                return pixels
 
             frames_out = 1 if index == 0 else 4
             pixels = comfy.utils.tiled_scale_multidim(
