@@ -7,6 +7,10 @@ from typing_extensions import override
 from .conditioning import (FlashPortraitEmotionConditioning, FlashPortraitLoadConditioning,
                            FlashPortraitSaveConditioning)
 from .decode import FlashPortraitDecodeToVideo
+from .evaluate import FlashPortraitEvaluate
+from .expression_edit import (FlashPortraitCombineExpressions, FlashPortraitEditExpressions,
+                              FlashPortraitRetimeExpressions)
+from .expression_files import FlashPortraitLoadExpressions, FlashPortraitSaveExpressions
 from .guider_nodes import FlashPortraitGuiderNode, FlashPortraitSchedule
 from .expressions import (FlashPortraitExtractExpressions, FlashPortraitExtractExpressionsFromVideo,
                           FlashPortraitPlotExpressions, FlashPortraitPreviewFaces)
@@ -32,6 +36,11 @@ class FlashPortraitExtension(ComfyExtension):
             FlashPortraitExtractExpressionsFromVideo,
             FlashPortraitPreviewFaces,
             FlashPortraitPlotExpressions,
+            FlashPortraitEditExpressions,
+            FlashPortraitCombineExpressions,
+            FlashPortraitRetimeExpressions,
+            FlashPortraitSaveExpressions,
+            FlashPortraitLoadExpressions,
             FlashPortraitEmotionConditioning,
             FlashPortraitWindows,
             FlashPortraitSampler,
@@ -40,6 +49,7 @@ class FlashPortraitExtension(ComfyExtension):
             FlashPortraitDecodeToVideo,
             FlashPortraitSaveConditioning,
             FlashPortraitLoadConditioning,
+            FlashPortraitEvaluate,
         ]
 
 

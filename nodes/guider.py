@@ -89,13 +89,18 @@ def sampler_name(sampler) -> str:
 
 
 def schedule_step(sample_sigmas: torch.Tensor, sigma: torch.Tensor) -> int:
-    """Index of the noise level ``sigma`` in the schedule being sampled (as ComfyUI's context windows find it)."""
-    matches = torch.nonzero(torch.isclose(sample_sigmas.cpu().float(), sigma.cpu().float().reshape(()),
-                                          rtol=1e-4, atol=0.0))
-    if matches.numel() == 0:
-        raise ValueError(f"noise level {float(sigma):.6g} is not in the schedule being sampled; FlashPortrait's "
-                         f"windows need a sampler that evaluates the model at the schedule's noise levels")
-    return int(matches[0].item())
+    """The step of the schedule being sampled that evaluates at noise level ``sigma``: the index of ``sigma`` in the
+    schedule, or for a sampler's intermediate evaluation (Heun, 2S, ...) the step whose interval holds it."""
+    levels = sample_sigmas.detach().cpu().double()
+    value = float(sigma.reshape(-1)[0])
+    matches = torch.nonzero(torch.isclose(levels, torch.tensor(value, dtype=torch.float64), rtol=1e-4, atol=0.0))
+    if matches.numel():
+        return int(matches[0].item())
+    above = torch.nonzero(levels[:-1] > value)
+    if above.numel() == 0:
+        raise ValueError(f"noise level {value:.6g} is above the schedule being sampled (starts at "
+                         f"{float(levels[0]):.6g})")
+    return int(above[-1].item())
 
 
 def window_conditioning(conditioning: list, clip_vision_output) -> tuple[list, list[str]]:
@@ -238,7 +243,10 @@ class FlashPortraitGuider(comfy.samplers.CFGGuider):
         storage = latent_storage_device(device, self._plan)
         if denoise_mask is not None:
             denoise_mask = comfy.sampler_helpers.prepare_mask(denoise_mask, noise.shape, storage)
-        noise, latent_image, sigmas = noise.to(storage), latent_image.to(storage), sigmas.to(storage)
+        # A copy of the sigmas: some of ComfyUI's samplers write into them (uni_pc sets the last level to 0.001),
+        # which would change a SIGMAS output other samplers of the same graph read.
+        noise, latent_image = noise.to(storage), latent_image.to(storage)
+        sigmas = sigmas.to(storage, copy=True)
         comfy.samplers.cast_to_load_options(self.model_options, device=device,
                                             dtype=self.model_patcher.model_dtype())
         try:

@@ -10,8 +10,7 @@ import latent_preview
 import torch
 from comfy_api.latest import io
 
-from ..flashportrait_core.expression.backends import FaceBackendChoice, FaceBackendUnavailableError, \
-    resolve_face_backend
+from ..flashportrait_core.expression.backends import FaceBackendChoice, FaceBackendUnavailableError
 from ..flashportrait_core.expression.reference_check import reference_face_note
 from ..flashportrait_core.sampling.choice import (ACCELERATIONS, FOUR_STEP_LORA, check_sampling_widgets,
                                                   resolve_sampling)
@@ -20,7 +19,7 @@ from ..flashportrait_core.sampling.solvers import STEP_SOLVERS, sample_adams_den
 from ..flashportrait_core.validation import size_note, window_note
 from . import resume_store, types
 from .guider import build_guider, empty_video_latent, progress_reporter
-from .loaders import insightface_roots
+from .loaders import resolve_backend
 from .report_ui import sampler_ui
 
 SCHEDULE_TOOLTIP = ("Noise levels of the steps. published: the published inference's grid (diffusers' flow-matching "
@@ -43,7 +42,7 @@ RESUME_TOOLTIP = ("Checkpoints of an unfinished run in output/flashportrait_resu
 def available_face_backend() -> FaceBackendChoice | None:
     """The face backend `auto` would pick, or None where none is installed (the reference is then not checked)."""
     try:
-        return resolve_face_backend("auto", insightface_roots())
+        return resolve_backend("auto")
     except FaceBackendUnavailableError:
         return None
 

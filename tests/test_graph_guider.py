@@ -170,3 +170,28 @@ def test_alp_with_another_sampler_is_refused_with_the_reason(comfy_server, guide
     custom_sample("31", prompt, "30", "uni_pc", schedule("22", prompt))
     with pytest.raises(comfy_client.ExecutionFailed, match="only with the euler sampler"):
         comfy_client.run_prompt(comfy_server.url, prompt, timeout=600)
+
+
+@pytest.mark.parametrize("node, widgets, message", [
+    ("10", {"acceleration": "off", "target_speedup": 4.0}, "needs an ALP preset"),
+    ("10", {"acceleration": "quality", "target_speedup": 1.0}, "is no speed-up"),
+    ("10", {"acceleration": "fast", "sampler": "adams2"}, None),  # refused when it runs: needs the model's steps
+    ("20", {"acceleration": "off", "target_speedup": 3.0}, "needs an ALP preset"),
+])
+def test_unusable_widget_values_are_refused_before_anything_runs(comfy_server, guider_run, node, widgets, message):
+    prompt = base_prompt()
+    if node == "20":
+        guider("20", prompt)
+        custom_sample("21", prompt, "20", "euler", schedule("22", prompt))
+    else:
+        save(prompt, "10", "refused")
+    prompt[node]["inputs"].update(widgets)
+    if message is None:
+        with pytest.raises(comfy_client.ExecutionFailed, match="do not combine"):
+            comfy_client.run_prompt(comfy_server.url, prompt, timeout=600)
+        return
+    with pytest.raises(comfy_client.PromptRejected) as rejected:
+        comfy_client.queue_prompt(comfy_server.url, prompt)
+    assert message in str(rejected.value) and "target_speedup" in str(rejected.value)
+    errors = rejected.value.response["node_errors"]
+    assert list(errors) == [node]  # nothing else, and nothing ran: the prompt never reached the queue

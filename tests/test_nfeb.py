@@ -118,15 +118,9 @@ def _block_inputs(dim, frames=3, per_frame=4, tokens=6, token_dim=32, batch=2, s
 
 
 def _run_patched(block, x, e, freqs, context, emotion):
-    patch = wan_patch.EmotionBlockPatch(block, 0)
+    """The block as ComfyUI's Wan model calls it, with a pass's options (emotion tokens or none)."""
     options = {wan_patch.EMOTION_OPTIONS_KEY: emotion} if emotion is not None else {}
-
-    def original(args):
-        return {"img": block(args["img"], context=args["txt"], e=args["vec"], freqs=args["pe"],
-                             context_img_len=257, transformer_options=args["transformer_options"])}
-
-    args = {"img": x, "txt": context, "vec": e, "pe": freqs, "transformer_options": options}
-    return patch(args, {"original_block": original})["img"]
+    return block(x, e=e, freqs=freqs, context=context, context_img_len=257, transformer_options=options)
 
 
 @torch.no_grad()
@@ -136,7 +130,7 @@ def test_ip_scale_zero_is_exactly_the_plain_wan_block():
     plain = block(x, e=e, freqs=freqs, context=context, context_img_len=257)
     zero = _run_patched(block, x, e, freqs, context, wan_patch.EmotionPass(tokens, 0.0))
     assert torch.equal(plain, zero)
-    assert not hasattr(block.cross_attn, "forward") or "forward" not in vars(block.cross_attn)
+    assert isinstance(block.cross_attn, wan_patch.EmotionI2VCrossAttention)  # the loader's permanent subclass
 
 
 @torch.no_grad()
@@ -199,16 +193,10 @@ def test_batched_passes_equal_the_passes_run_alone():
     x, e, freqs, context, tokens = _block_inputs(256, batch=1)
     posi_alone = _run_patched(block, x, e, freqs, context, wan_patch.EmotionPass(tokens, 0.7))
     plain = block(x, e=e, freqs=freqs, context=context, context_img_len=257)
-    patch = wan_patch.EmotionBlockPatch(block, 0)
-    both = {"img": torch.cat([x, x]), "txt": torch.cat([context, context]), "vec": torch.cat([e, e]), "pe": freqs,
-            "transformer_options": {wan_patch.EMOTION_OPTIONS_KEY: wan_patch.EmotionPass(tokens, (0.7, 0.0)),
-                                    "cond_or_uncond": [1, 0]}}  # ComfyUI may put the passes in either order
-
-    def original(args):
-        return {"img": block(args["img"], context=args["txt"], e=args["vec"], freqs=args["pe"],
-                             context_img_len=257, transformer_options=args["transformer_options"])}
-
-    out = patch(both, {"original_block": original})["img"]
+    options = {wan_patch.EMOTION_OPTIONS_KEY: wan_patch.EmotionPass(tokens, (0.7, 0.0)),
+               "cond_or_uncond": [1, 0]}  # ComfyUI may put the passes in either order
+    out = block(torch.cat([x, x]), e=torch.cat([e, e]), freqs=freqs, context=torch.cat([context, context]),
+                context_img_len=257, transformer_options=options)
     assert torch.allclose(out[1:], posi_alone, atol=1e-5, rtol=1e-5)  # entry 1 is pass 0 (posi)
     assert torch.allclose(out[:1], plain, atol=1e-5, rtol=1e-5)  # entry 0 is pass 1 (no_emo, ip_scale 0)
 

@@ -15,7 +15,7 @@ def test_shifted_sigmas():
     assert sigmas.shape == (31,)
     assert sigmas[0] == 1.0 and sigmas[-1] == 0.0
     assert torch.all(sigmas[1:] < sigmas[:-1])
-    t = 1 - 1 / 30
+    t = (1000 - 33) / 1000  # the training level ComfyUI's simple scheduler takes second: 1000 - int(1000 / 30)
     assert torch.isclose(sigmas[1], torch.tensor(5 * t / (1 + 4 * t), dtype=torch.float64))
     assert torch.allclose(simple_sigmas(4, 1.0), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64))
 

@@ -15,8 +15,8 @@ pytestmark = pytest.mark.graph
 
 def test_workflows_are_shipped():
     assert [p.name for p in WORKFLOWS] == ["flashportrait_basic.json", "flashportrait_compare.json",
-                                           "flashportrait_fast.json", "flashportrait_long.json",
-                                           "flashportrait_native.json"]
+                                           "flashportrait_edit.json", "flashportrait_fast.json",
+                                           "flashportrait_long.json", "flashportrait_native.json"]
 
 
 def test_basic_workflow_runs_the_published_settings(comfy_object_info):
