@@ -271,7 +271,7 @@ def open_checkpoint(path: str | Path) -> CheckpointReader:
         raise CheckpointError(f"checkpoint file not found: {path}" if not path.is_dir() else
                               f"{path} is a folder, not a checkpoint file")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"{path.name} is an empty file (0 bytes): the download or copy did not finish; "
+        raise CheckpointError(f"{path.name} is an empty file (0 bytes): its download or copy did not finish; "
                               f"download it again")
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         return SafetensorsReader(path)

@@ -2,10 +2,12 @@
 
 An audio track (the driving video's, from its file or as a waveform) can go along: it is read, re-encoded to
 AAC and muxed in step with the frames, then cut at the video's last frame, so it is streamed too.
+The file is created exclusively: an existing file is never replaced.
 """
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -45,14 +47,35 @@ class AudioTrack:
             raise ValueError(f"audio start_seconds must be >= 0, got {self.start_seconds}")
 
 
-def _file_audio(path: Path) -> tuple[int, int, Iterator[np.ndarray]]:
-    """(sample rate, channels, chunks [channels, n] float32 planar) of a file's first audio stream."""
+def _open_audio_source(path: Path):  # -> av.container.InputContainer with at least one audio stream
+    if path.is_dir():
+        raise ValueError(f"audio source {path} is a folder, not a file; give a video or audio file with sound, "
+                         f"e.g. the driving video")
     if not path.is_file():
         raise FileNotFoundError(f"audio source {path} does not exist; give the driving video's path")
-    container = av.open(str(path))
+    if path.stat().st_size == 0:
+        raise ValueError(f"audio source {path.name} is an empty file (0 bytes); give a video or audio file with "
+                         f"sound, e.g. the driving video")
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise ValueError(f"audio source {path.name} is not a video or audio file that can be read ({reason}); "
+                         f"give a media file with sound, e.g. the driving video") from None
     if not container.streams.audio:
         container.close()
         raise ValueError(f"{path.name} has no audio stream; leave the audio input empty for a silent video")
+    return container
+
+
+def check_audio_file(path: str | Path) -> None:
+    """Raise the error that muxing ``path``'s sound would raise, before any frame is made."""
+    _open_audio_source(Path(path)).close()
+
+
+def _file_audio(path: Path) -> tuple[int, int, Iterator[np.ndarray]]:
+    """(sample rate, channels, chunks [channels, n] float32 planar) of a file's first audio stream."""
+    container = _open_audio_source(path)
     stream = container.streams.audio[0]
     rate, channels = stream.rate, min(2, stream.channels)
     resampler = av.AudioResampler(format="fltp", layout="stereo" if channels == 2 else "mono", rate=rate)
@@ -145,8 +168,9 @@ class _AudioMuxer:
 class StreamingVideoWriter:
     """H.264 (yuv420p) MP4 written chunk by chunk; frames are [N, H, W, 3] floats in [0, 1].
 
-    Use as a context manager; on an exception the partial file is removed, so no broken video is left
-    behind under the final name.
+    The file is created (empty) at once and exclusively: FileExistsError when ``path`` exists, which is never
+    replaced. Use as a context manager; on an exception the partial file is removed, so no broken video is
+    left behind under the final name.
     """
 
     def __init__(self, path: str | Path, fps: float, crf: int = 19, codec: str = "libx264",
@@ -156,6 +180,11 @@ class StreamingVideoWriter:
         if not 0 <= crf <= 51:
             raise ValueError(f"crf must be in 0..51 (lower is better quality), got {crf}")
         self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:
+            raise FileExistsError(f"{self.path} exists and is never replaced; choose another name") from None
         self.fps = Fraction(fps).limit_denominator(1001)
         self.crf = crf
         self.codec = codec
@@ -174,7 +203,6 @@ class StreamingVideoWriter:
     def _open(self, height: int, width: int) -> None:
         if height % 2 or width % 2:
             raise ValueError(f"H.264 with 4:2:0 chroma needs even sides, got {width}x{height}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._container = av.open(str(self.path), mode="w")
         self._stream = self._container.add_stream(self.codec, rate=self.fps)
         self._stream.width, self._stream.height = width, height

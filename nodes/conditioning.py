@@ -38,7 +38,11 @@ class FlashPortraitEmotionConditioning(io.ComfyNode):
                 io.Float.Input("text_cfg", default=1.0, min=1.0, max=10.0, step=0.1,
                                tooltip="Text guidance scale. Above 1 adds a negative-prompt pass per step."),
             ],
-            outputs=[types.EmotionConditioning.Output(display_name="emotion")],
+            outputs=[
+                types.EmotionConditioning.Output(display_name="emotion"),
+                io.String.Output(display_name="report",
+                                 tooltip="Driving frames used and latent frames made, and any frames trimmed."),
+            ],
         )
 
     @classmethod
@@ -47,10 +51,18 @@ class FlashPortraitEmotionConditioning(io.ComfyNode):
         check_expression_features(expressions.features, getattr(expressions, "found", None),
                                   portrait_encoder.config.feature_dim)
         emotion = build_emotion_conditioning(portrait_encoder, expressions.features, ip_scale, emo_cfg, text_cfg)
-        note = trim_note(expressions.features.shape[0], emotion.num_video_frames)
-        if note:
-            logging.info("FlashPortrait Emotion Conditioning: %s", note)
-        return io.NodeOutput(emotion)
+        report = emotion_report(expressions.features.shape[0], emotion)
+        logging.info("FlashPortrait Emotion Conditioning: %s", report)
+        return io.NodeOutput(emotion, report, ui={"text": [report]})
+
+
+def emotion_report(driving_frames: int, emotion) -> str:
+    """What the node made of the driving frames: frames used, latent frames, and the trim to 4k + 1."""
+    parts = [f"{emotion.num_video_frames} driving frames -> {emotion.num_latent_frames} latent frames"]
+    note = trim_note(driving_frames, emotion.num_video_frames)
+    if note:
+        parts.append(note)
+    return "; ".join(parts)
 
 
 class FlashPortraitSaveConditioning(io.ComfyNode):

@@ -14,6 +14,7 @@ from ..flashportrait_core.expression.extract import (extract_expression_features
 from ..flashportrait_core.expression.preview import (draw_face_overlay, face_tracks_for_frames,
                                                      landmarks_for_frames, plot_expression_curves)
 from . import types
+from .input_files import InputFileError, resolve_input_file
 from .loaders import resolve_backend
 
 SMOOTHING_TOOLTIP = ("Temporal smoothing of the face points (one-euro filter, run forward and backward so it adds "
@@ -113,24 +114,14 @@ def input_videos() -> list[str]:
 
 
 def resolve_video_path(video: str | None, path: str | None) -> str:
-    """The driving video to read: `path` when given (absolute, or relative to the input folder), else the
-    input-folder file chosen in `video`. A clear FileNotFoundError names what was looked for."""
-    typed = (path or "").strip().strip('"').strip("'")
-    if typed:
-        candidate = os.path.expanduser(typed)
-        if not os.path.isabs(candidate):
-            candidate = os.path.join(folder_paths.get_input_directory(), candidate)
-        if not os.path.isfile(candidate):
-            raise FileNotFoundError(f"driving video path '{typed}' does not exist (looked for {candidate}); "
-                                    "give the full path of a video file, or clear it to use the video list")
-        return candidate
-    if not video:
-        raise FileNotFoundError(f"no driving video chosen: put a video in ComfyUI's input folder "
-                                f"({folder_paths.get_input_directory()}) or upload one, or type its full path")
-    if not folder_paths.exists_annotated_filepath(video):
-        raise FileNotFoundError(f"driving video '{video}' is not in ComfyUI's input folder "
-                                f"({folder_paths.get_input_directory()}); pick another or upload it")
-    return folder_paths.get_annotated_filepath(video)
+    """The driving video to read: `path` when given, else the input-folder file chosen in `video`; both are
+    resolved inside ComfyUI's folders (see input_files). An InputFileError names the input and the fix."""
+    if (path or "").strip():
+        return resolve_input_file(path, "path")
+    if not (video or "").strip():
+        raise InputFileError(f"no driving video chosen: put a video in ComfyUI's input folder "
+                             f"({folder_paths.get_input_directory()}) or upload one, or type its name in path")
+    return resolve_input_file(video, "video")
 
 
 def video_fingerprint(file_path: str) -> str:
@@ -147,8 +138,9 @@ class FlashPortraitExtractExpressionsFromVideo(io.ComfyNode):
             display_name="FlashPortrait Extract Expressions (Video File)",
             category="FlashPortrait",
             description="Reads the driving video file in chunks (never all frames at once, so any length fits "
-                        "in memory), finds and follows the face, and encodes its expressions. Optionally "
-                        "converts the sequence to the generation frame rate.",
+                        "in memory), finds and follows the face, and encodes its expressions, one feature "
+                        "frame per video frame at the video's own rate (as published). Optionally converts "
+                        "the sequence to another frame rate.",
             inputs=[
                 io.Combo.Input("video", options=input_videos(), upload=io.UploadType.video,
                                tooltip="A video in ComfyUI's input folder (upload adds one). Ignored when a "
@@ -160,18 +152,22 @@ class FlashPortraitExtractExpressionsFromVideo(io.ComfyNode):
                 io.Int.Input("max_frames", default=0, min=0, max=1_000_000,
                              tooltip="Use only the first N frames of the video (0 = all)."),
                 smoothing_input(),
-                io.Float.Input("target_fps", default=25.0, min=0.0, max=240.0, step=1.0,
-                               tooltip="Frame rate of the generated video; the expression sequence is resampled "
-                                       "to it (linear interpolation in time). 25 is the model's rate; 0 keeps "
-                                       "the driving video's rate."),
+                io.Float.Input("target_fps", default=0.0, min=0.0, max=240.0, step=1.0,
+                               tooltip="0 (default, as published) keeps the driving video's own frame rate: one "
+                                       "feature frame per video frame, and the fps output carries that rate "
+                                       "to the decoder. A value resamples the expression sequence to that "
+                                       "rate (linear interpolation in time; the report says so), e.g. 25."),
                 io.String.Input("path", default="", optional=True,
-                                tooltip="Full path of a video file anywhere on disk (overrides the list above); "
-                                        "a relative path is looked up in the input folder."),
+                                tooltip="A video file by name, overriding the list above: relative to ComfyUI's "
+                                        "input folder (subfolders allowed), or 'name [output]' / 'name [temp]' "
+                                        "for those folders. Paths outside them are refused unless the server "
+                                        "runs with FLASHPORTRAIT_ALLOW_OUTSIDE_PATHS=1."),
             ],
             outputs=[
                 types.Expressions.Output(display_name="expressions"),
                 io.Float.Output(display_name="fps", tooltip="Frame rate of the expression sequence (the "
-                                                           "target fps, or the video's when kept)."),
+                                                           "video's own, or target_fps when set): connect "
+                                                           "it to the decoder's fps."),
                 io.Int.Output(display_name="frame_count", tooltip="Frames in the expression sequence."),
                 io.String.Output(display_name="report", tooltip="Frames, frame rates, faces found and frames "
                                                                 "filled."),
@@ -182,7 +178,7 @@ class FlashPortraitExtractExpressionsFromVideo(io.ComfyNode):
     def validate_inputs(cls, video: str | None = None, path: str | None = None) -> bool | str:
         try:
             resolve_video_path(video, path)
-        except FileNotFoundError as error:
+        except InputFileError as error:
             return str(error)
         return True
 
@@ -193,7 +189,7 @@ class FlashPortraitExtractExpressionsFromVideo(io.ComfyNode):
 
     @classmethod
     def execute(cls, video: str | None, expression_model, batch_size: int, max_frames: int = 0,
-                smoothing: float = 0.5, target_fps: float = 25.0, path: str | None = None) -> io.NodeOutput:
+                smoothing: float = 0.5, target_fps: float = 0.0, path: str | None = None) -> io.NodeOutput:
         file_path = resolve_video_path(video, path)
         # The progress total is set by the first update, from the container's frame count.
         with _Extraction(expression_model, 1) as run:

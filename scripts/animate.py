@@ -13,6 +13,8 @@ its server as they are.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,6 +42,30 @@ CACHE = REPO_ROOT / ".models" / "media"
 SAMPLE_WHEEL = "insightface==2.1"
 SAMPLE_PORTRAIT = "insightface/data/images/Tom_Hanks_54745.png"
 TINY_SETTINGS = Settings(steps=4, max_side=128, window_length=8, window_overlap=4, max_frames=49)
+
+
+COUNTED_NAME = re.compile(r"^(?P<base>.*)_(?P<number>\d{5,})_(?P<suffix>\.[^.]+)$")
+
+
+def keep_video(source: Path, out_dir: Path) -> Path:
+    """Copy ``source`` into ``out_dir`` under a name no file there has: ComfyUI's ``<base>_NNNNN_.mp4`` numbered
+    past the files already there (the name is taken exclusively, so nothing is ever replaced)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    match = COUNTED_NAME.match(source.name)
+    base, suffix = (match["base"], match["suffix"]) if match else (source.stem, source.suffix)
+    taken = [int(m["number"]) for m in map(COUNTED_NAME.match, os.listdir(out_dir))
+             if m and m["base"] == base and m["suffix"] == suffix]
+    number = max(taken, default=0) + 1
+    while True:
+        target = out_dir / f"{base}_{number:05}_{suffix}"
+        try:
+            descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            number += 1
+            continue
+        with os.fdopen(descriptor, "wb") as written, open(source, "rb") as read:
+            shutil.copyfileobj(read, written)
+        return target
 
 
 def missing_model_files(models_dir: Path, models: ModelFiles) -> list[str]:
@@ -186,19 +212,26 @@ def main(argv: list[str] | None = None) -> int:
             prompt = comfy_client.ui_to_api(load_ui_workflow(), comfy_client.object_info(server.url))
             prepare_prompt(prompt, models, reference_name, driving_name, settings)
             print(f"Running the workflow on {server.url} (log: {server.log_path}) ...")
-            entry = comfy_client.run_prompt(server.url, prompt, timeout=24 * 3600, is_alive=server.is_running)
+            try:
+                entry = comfy_client.run_prompt(server.url, prompt, timeout=24 * 3600, is_alive=server.is_running)
+            except (comfy_client.ComfyError, TimeoutError) as error:
+                print(f"FlashPortrait failed: {error}\n(server log: {server.log_path})", file=sys.stderr)
+                return 1
             for node_id, output in entry["outputs"].items():
                 if "text" in output:
                     print(f"{prompt[node_id]['_meta']['title']}:\n  " + "".join(output["text"]).replace("\n", "\n  "))
-            args.out.mkdir(parents=True, exist_ok=True)
-            written = []
-            for record in comfy_client.output_files(entry):
-                source = server.output_dir / record["subfolder"] / record["filename"]
-                if source.suffix == ".mp4":
-                    written.append(shutil.copy(source, args.out / source.name))
+            videos = [server.output_dir / record["subfolder"] / record["filename"]
+                      for record in comfy_client.output_files(entry) if record["filename"].endswith(".mp4")]
+            missing = [str(path) for path in videos if not path.is_file()]
+            if not videos or missing:
+                print(f"FlashPortrait failed: the workflow finished but wrote no video"
+                      + (f" (reported, but missing: {', '.join(missing)})" if missing else "")
+                      + f"; see the server log: {server.log_path}", file=sys.stderr)
+                return 1
+            written = [keep_video(path, args.out) for path in videos]
     for path in written:
         print(f"Wrote {path}")
-    return 0 if written else 1
+    return 0
 
 
 if __name__ == "__main__":

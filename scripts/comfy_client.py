@@ -19,7 +19,8 @@ end's own "queue" step does it:
   matching type instead (same slot index first, as the front end does).
 
 Client functions use only the standard library: ``object_info``, ``queue_prompt``, ``wait_for_result``,
-``interrupt``, ``system_stats``.
+``interrupt``, ``cancel_prompt``, ``system_stats``. ``queue_prompt`` fails with every node error (node, input,
+ComfyUI's message) also when the server accepts a prompt but would skip the nodes it rejected.
 """
 from __future__ import annotations
 
@@ -334,8 +335,32 @@ def system_stats(url: str, timeout: float = 10.0) -> dict:
     return payload
 
 
-def format_prompt_errors(response: Any) -> str:
-    """A readable text of a 400 answer to ``POST /prompt`` (its error and every node error)."""
+def _node_label(node_id: str, class_type: str, prompt: dict | None) -> str:
+    title = ((prompt or {}).get(node_id) or {}).get("_meta", {}).get("title")
+    if title and title != class_type:
+        return f"node {node_id} '{title}' ({class_type})"
+    return f"node {node_id} ({class_type})"
+
+
+def node_error_lines(node_errors: dict | None, prompt: dict | None = None) -> list[str]:
+    """One line per rejected input: the node (id, title, type), the input and ComfyUI's message."""
+    lines = []
+    for node_id, node_error in (node_errors or {}).items():
+        label = _node_label(str(node_id), node_error.get("class_type", "?"), prompt)
+        for item in node_error.get("errors", []):
+            input_name = (item.get("extra_info", {}) or {}).get("input_name")
+            where = f" input {input_name!r}" if input_name else ""
+            details = str(item.get("details", "") or "")
+            if input_name and details.startswith(f"{input_name} - "):
+                details = details[len(input_name) + 3:]  # custom validation: "name - message"
+            elif details == input_name:
+                details = ""
+            lines.append(f"{label}{where}: {item.get('message', '')}" + (f": {details}" if details else ""))
+    return lines
+
+
+def format_prompt_errors(response: Any, prompt: dict | None = None) -> str:
+    """A readable text of an answer to ``POST /prompt`` with errors (its error and every node error)."""
     if not isinstance(response, dict):
         return str(response)
     lines = []
@@ -344,26 +369,36 @@ def format_prompt_errors(response: Any) -> str:
         lines.append(f"{error.get('type', 'error')}: {error.get('message', '')} {error.get('details', '')}".strip())
     elif error:
         lines.append(str(error))
-    for node_id, node_error in (response.get("node_errors") or {}).items():
-        class_type = node_error.get("class_type", "?")
-        for item in node_error.get("errors", []):
-            extra = item.get("extra_info", {}) or {}
-            input_name = extra.get("input_name")
-            where = f" input {input_name!r}" if input_name else ""
-            lines.append(f"node {node_id} ({class_type}){where}: {item.get('message', '')}: "
-                         f"{item.get('details', '')}".rstrip(": "))
+    lines += node_error_lines(response.get("node_errors"), prompt)
     return "\n".join(lines) or json.dumps(response)
 
 
+def cancel_prompt(url: str, prompt_id: str, timeout: float = 30.0) -> None:
+    """Take a queued prompt off the queue, and interrupt it if it already started."""
+    _request(url.rstrip("/") + "/queue", {"delete": [prompt_id]}, timeout=timeout)
+    _request(url.rstrip("/") + "/interrupt", {"prompt_id": prompt_id}, timeout=timeout)
+
+
 def queue_prompt(url: str, api_prompt: dict, client_id: str | None = None, timeout: float = 60.0) -> str:
-    """``POST /prompt``; returns the prompt id. Raises PromptRejected with the node errors on a 400."""
+    """``POST /prompt``; returns the prompt id.
+
+    Raises PromptRejected with every node error (node, input, ComfyUI's message) when the server refuses the
+    prompt (400), and also when it accepts it with ``node_errors``: ComfyUI then runs only the outputs whose
+    nodes are valid and skips the rest, so a run would look successful without doing what was asked; the
+    queued prompt is cancelled first.
+    """
     payload = {"prompt": api_prompt, "client_id": client_id or uuid.uuid4().hex}
     status, response = _request(url.rstrip("/") + "/prompt", payload, timeout=timeout)
     if status != 200:
-        raise PromptRejected(f"the server rejected the prompt ({status}):\n{format_prompt_errors(response)}",
+        raise PromptRejected(f"the server rejected the prompt ({status}):\n"
+                             f"{format_prompt_errors(response, api_prompt)}",
                              response if isinstance(response, dict) else None)
     if not isinstance(response, dict) or "prompt_id" not in response:
         raise ComfyError(f"POST /prompt answered without a prompt_id: {response!r}")
+    if response.get("node_errors"):
+        cancel_prompt(url, response["prompt_id"])
+        raise PromptRejected("the server would skip nodes whose inputs it rejected, so the prompt was cancelled:\n"
+                             + "\n".join(node_error_lines(response["node_errors"], api_prompt)), response)
     return response["prompt_id"]
 
 

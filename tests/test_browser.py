@@ -3,7 +3,8 @@
 The browser is driven over the DevTools protocol (aiohttp's websocket client, a ComfyUI dependency). Each
 workflow is loaded through the UI (``app.loadGraphData``); the test asserts that no node type is missing,
 that every pack node carries the pack's badge and colour, that the Windows node's plan widget has drawn the
-plan the server computes, and that the Sampler's report widget shows the counts of an ``executed`` message.
+plan the server computes, and that the Sampler's report widget shows the counts of a real run of the fast
+workflow (queued with the page's client id, so the server's ``executed`` message reaches the page).
 Screenshots go to the test's folder, and to ``docs/screenshots/`` when they are new or changed visibly.
 """
 from __future__ import annotations
@@ -25,7 +26,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from scripts import comfy_client
+from scripts.workflow_prep import TINY_MODELS, Settings, prepare_prompt
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA = REPO_ROOT.parent / "shared" / "data"
+REFERENCE = DATA / "reference" / "fp_case1.png"
+DRIVING = DATA / "driving" / "lp_d0.mp4"
 WORKFLOWS = sorted((REPO_ROOT / "workflows").glob("*.json"))
 SCREENSHOTS = REPO_ROOT / "docs" / "screenshots"
 BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome")
@@ -148,19 +155,61 @@ window.flashportraitFit = async (types) => {
 };
 """
 
-EXECUTED = """
-(async (nodeId, output) => {
+# Runs in the page: the id under which the server sends this page its websocket messages.
+CLIENT_ID = """
+(async () => {
   const {api} = window.comfyAPI.api;
-  api.dispatchCustomEvent("executed", {node: String(nodeId), display_node: String(nodeId), output,
-                                       prompt_id: "browser-test"});
-  await new Promise((r) => setTimeout(r, 400));
+  for (let i = 0; i < 300 && !api.clientId; i++) await new Promise((r) => setTimeout(r, 100));
+  return api.clientId ?? null;
+})()
+"""
+
+# Runs in the page: shows the settings the run is queued with, so the screenshot matches the run.
+SHOW_SETTINGS = """
+(async (settings) => {
+  for (const [type, values] of Object.entries(settings)) {
+    const node = app.graph.nodes.find((n) => n.comfyClass === type && n.mode === 0);
+    for (const [name, value] of Object.entries(values)) {
+      const widget = node.widgets.find((w) => w.name === name);
+      widget.value = value;
+      widget.callback?.(value);
+    }
+  }
+  await new Promise((r) => setTimeout(r, 800));
+})
+"""
+
+# Runs in the page: waits until the Sampler's report widget has taken a real run's `executed` message.
+AFTER_RUN = """
+(async (nodeId) => {
   const node = app.graph.getNodeById(nodeId);
   const element = node.widgets.find((w) => w.name === "alp_report").element;
+  for (let i = 0; i < 300 && element.dataset.stepsComputed === undefined; i++) {
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  await new Promise((r) => setTimeout(r, 400));
   const windowsNode = node.getInputNode(node.findInputSlot("windows"));
   return {text: element.innerText, dataset: {...element.dataset},
           preview_frames: windowsNode?.properties?.preview_frames ?? null};
 })
 """
+
+# The fast workflow run for real on the tiny models: 17 driving frames (5 latent frames, windows of 4 with
+# overlap 2), 8 steps at ALP 'fast'.
+FAST_RUN = Settings(seed=7, steps=8, max_side=32, window_length=4, window_overlap=2, max_frames=17,
+                    acceleration="fast", filename_prefix="video/browser_fast")
+
+
+def _run_fast_workflow(server_url: str, input_dir: Path, client_id: str) -> dict:
+    """Queue the shipped fast workflow with the page's client id, so its `executed` messages reach the page;
+    returns the history entry."""
+    shutil.copy(REFERENCE, input_dir / REFERENCE.name)
+    shutil.copy(DRIVING, input_dir / DRIVING.name)
+    workflow = json.loads((REPO_ROOT / "workflows" / "flashportrait_fast.json").read_text())
+    prompt = comfy_client.ui_to_api(workflow, comfy_client.object_info(server_url))
+    prepare_prompt(prompt, TINY_MODELS, REFERENCE.name, DRIVING.name, FAST_RUN)
+    prompt_id = comfy_client.queue_prompt(server_url, prompt, client_id=client_id)
+    return comfy_client.wait_for_result(server_url, prompt_id, timeout=900)
 
 
 # Runs in the page: settings the server would round or refuse, and the hints the pack shows for them.
@@ -291,7 +340,8 @@ def _save_screenshot(png: bytes, name: str, out_dir: Path) -> Path:
     return docs_copy
 
 
-async def _run_browser(server_url: str, workflows: list[Path], out_dir: Path, browser: str) -> dict:
+async def _run_browser(server_url: str, input_dir: Path, workflows: list[Path], out_dir: Path,
+                       browser: str) -> dict:
     results = {}
     _prepare_user_settings(server_url)
     with tempfile.TemporaryDirectory(prefix="flashportrait-browser-") as user_dir:
@@ -339,13 +389,18 @@ async def _run_browser(server_url: str, workflows: list[Path], out_dir: Path, br
                 if path.stem == "flashportrait_fast":
                     results[path.name]["solver_hints"] = await tools.evaluate(SOLVER_HINTS)
                     sampler = next(n for n in inspected["nodes"] if n["type"] == "FlashPortraitSampler")
-                    output = {"text": ["4 window(s) x 8 steps, 15 DiT passes, 1.0 s (denoising 0.9 s)"],
-                              "flashportrait_report": [{"windows": 4, "latent_frames": 9, "steps": 8,
-                                                        "dit_passes": 15, "steps_computed": 15,
-                                                        "steps_skipped": 17, "seconds": 1.0}]}
+                    shown = {"FlashPortraitSampler": {"seed": FAST_RUN.seed, "steps": FAST_RUN.steps,
+                                                      "max_side": FAST_RUN.max_side},
+                             "FlashPortraitWindows": {"window_length": FAST_RUN.window_length,
+                                                      "overlap": FAST_RUN.window_overlap},
+                             "FlashPortraitExtractExpressions": {"max_frames": FAST_RUN.max_frames}}
+                    await tools.evaluate(f"{SHOW_SETTINGS}({json.dumps(shown)})")
+                    client_id = await tools.evaluate(CLIENT_ID)
+                    entry = await asyncio.to_thread(_run_fast_workflow, server_url, input_dir, client_id)
+                    results[path.name]["run"] = entry["outputs"][str(sampler["id"])]
                     await tools.evaluate('window.flashportraitFit(["FlashPortraitWindows", "FlashPortraitSampler"])')
-                    results[path.name]["executed"] = await tools.evaluate(
-                        f"{EXECUTED}({sampler['id']}, {json.dumps(output)})")
+                    results[path.name]["executed"] = await tools.evaluate(f"{AFTER_RUN}({sampler['id']})",
+                                                                          timeout=90)
                     png = await tools.screenshot()
                     results[path.name]["executed_screenshot"] = _save_screenshot(
                         png, path.stem + "_after_run.png", out_dir)
@@ -368,7 +423,7 @@ def browser_results(comfy_server, tmp_path_factory):
         pytest.skip(f"no Chromium found ({', '.join(BROWSER_NAMES)}); scripts/test.sh installs Debian's "
                     f"'chromium' package when run as root")
     out_dir = tmp_path_factory.mktemp("screenshots")
-    return asyncio.run(_run_browser(comfy_server.url, WORKFLOWS, out_dir, browser))
+    return asyncio.run(_run_browser(comfy_server.url, comfy_server.input_dir, WORKFLOWS, out_dir, browser))
 
 
 def _expected_plan(frames: int, length: int, overlap: int) -> int:
@@ -417,12 +472,21 @@ def test_window_plan_widget_draws_the_servers_plan(browser_results, name):
         assert f"{plan['preview_frames']} frames" in plan["caption"]
 
 
-def test_sampler_report_widget_shows_pass_counts(browser_results):
+def test_sampler_report_widget_shows_a_real_runs_counts(browser_results):
+    """The fast workflow ran on the server; the page drew the `executed` message the server sent it."""
     fast = browser_results["flashportrait_fast.json"]
+    [counts] = fast["run"]["flashportrait_report"]
+    assert (counts["windows"], counts["latent_frames"], counts["steps"]) == (2, 5, 8)
+    assert counts["steps_computed"] + counts["steps_skipped"] == 2 * 8 and counts["steps_skipped"] > 0
+    total = counts["steps_computed"] + counts["steps_skipped"]
     executed = fast["executed"]
-    assert "ALP: 15 of 32 steps computed, 17 skipped (2.13x)" in executed["text"]
-    assert executed["dataset"] == {"stepsComputed": "15", "stepsSkipped": "17"}
-    assert executed["preview_frames"] == 33  # the Windows node now previews the run's 9 latent frames
+    assert f"ALP: {counts['steps_computed']} of {total} steps computed, {counts['steps_skipped']} skipped " \
+           f"({total / counts['steps_computed']:.2f}x) · 2 window(s) · {counts['dit_passes']} DiT passes" \
+           in executed["text"]
+    assert "".join(fast["run"]["text"]) in executed["text"]  # the sampler's own report, as the server wrote it
+    assert executed["dataset"] == {"stepsComputed": str(counts["steps_computed"]),
+                                   "stepsSkipped": str(counts["steps_skipped"])}
+    assert executed["preview_frames"] == 17  # the Windows node now previews the run's 5 latent frames
     sampler = next(n for n in fast["inspected"]["nodes"] if n["type"] == "FlashPortraitSampler")
     assert sampler["report"]["height"] > 50 and "after a run" in sampler["report"]["text"]
 

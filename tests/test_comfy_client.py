@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import numpy as np
 import pytest
@@ -285,10 +286,39 @@ def test_rejected_prompt_reports_node_errors(comfy_server, comfy_object_info):
     with pytest.raises(comfy_client.PromptRejected) as caught:
         comfy_client.queue_prompt(comfy_server.url, prompt)
     message = str(caught.value)
-    assert "node 1 (CheckpointLoaderSimple) input 'ckpt_name'" in message
+    assert "node 1 'Load Checkpoint' (CheckpointLoaderSimple) input 'ckpt_name': Value not in list" in message
     assert "tiny.safetensors" in message
     assert "15" in caught.value.response["node_errors"]  # SaveImage lost its muted input
     assert "Required input is missing" in message
+
+
+def test_accepted_prompt_with_node_errors_is_cancelled_and_reported(comfy_server):
+    """ComfyUI queues a prompt when some outputs are valid and skips the others: the client refuses that."""
+    prompt = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+        "3": {"class_type": "EmptyImage", "inputs": {"width": 0, "height": 8, "batch_size": 1, "color": 0},
+              "_meta": {"title": "Too narrow"}},
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}},
+    }
+    with pytest.raises(comfy_client.PromptRejected) as caught:
+        comfy_client.queue_prompt(comfy_server.url, prompt)
+    message = str(caught.value)
+    assert message.startswith("the server would skip nodes whose inputs it rejected, so the prompt was cancelled")
+    assert "node 3 'Too narrow' (EmptyImage) input 'width': Value 0 smaller than min of 1" in message
+    assert caught.value.response["prompt_id"]
+    # Nothing is left queued or running.
+    deadline = time.monotonic() + 60
+    while True:
+        queue = comfy_client._request(comfy_server.url + "/queue")[1]
+        if not queue["queue_running"] and not queue["queue_pending"]:
+            break
+        assert time.monotonic() < deadline, queue
+        time.sleep(0.2)
+    # The same graph with the bad value fixed runs.
+    prompt["3"]["inputs"]["width"] = 4
+    entry = comfy_client.run_prompt(comfy_server.url, prompt, timeout=120, is_alive=comfy_server.is_running)
+    assert set(entry["outputs"]) == {"2", "4"}
 
 
 def test_execution_error_carries_the_exception(comfy_server):

@@ -42,23 +42,36 @@ def input_dir(tmp_path: Path):
         folder_paths.set_input_directory(previous)
 
 
-def test_video_list_and_path_resolution(input_dir: Path, tmp_path: Path) -> None:
+def test_video_list_and_path_resolution(input_dir: Path, tmp_path: Path, monkeypatch) -> None:
     shutil.copy(DRIVING / "lp_d0.mp4", input_dir / "talking.mp4")
     (input_dir / "notes.txt").write_text("not a video")
+    (input_dir / "clips").mkdir()
+    shutil.copy(DRIVING / "lp_d0.mp4", input_dir / "clips" / "nested.mp4")
     assert expressions_nodes.input_videos() == ["talking.mp4"]
     node = expressions_nodes.FlashPortraitExtractExpressionsFromVideo
     assert node.validate_inputs(video="talking.mp4", path="") is True
     assert expressions_nodes.resolve_video_path("talking.mp4", "") == str(input_dir / "talking.mp4")
-    # A path typed (or pasted with quotes) wins over the list; a relative one is looked up in the input folder.
+    # A path typed (or pasted with quotes) wins over the list; it is looked up in the input folder.
+    assert expressions_nodes.resolve_video_path("talking.mp4", ' "clips/nested.mp4" ') == \
+        str(input_dir / "clips" / "nested.mp4")
+    assert expressions_nodes.resolve_video_path(None, "talking.mp4 [input]") == str(input_dir / "talking.mp4")
+    # Outside the input folder: refused, naming the input, the folder and the switch; allowed with the switch.
     elsewhere = tmp_path / "elsewhere.mp4"
     shutil.copy(DRIVING / "lp_d0.mp4", elsewhere)
+    monkeypatch.delenv("FLASHPORTRAIT_ALLOW_OUTSIDE_PATHS", raising=False)
+    for outside in (str(elsewhere), "../elsewhere.mp4", "clips/../../elsewhere.mp4"):
+        message = node.validate_inputs(video="talking.mp4", path=outside)
+        assert f"path '{outside}' is outside ComfyUI's input folder ({input_dir})" in message
+        assert "FLASHPORTRAIT_ALLOW_OUTSIDE_PATHS=1" in message
+    assert "video '../elsewhere.mp4' is outside" in node.validate_inputs(video="../elsewhere.mp4", path="")
+    monkeypatch.setenv("FLASHPORTRAIT_ALLOW_OUTSIDE_PATHS", "1")
     assert expressions_nodes.resolve_video_path("talking.mp4", f' "{elsewhere}" ') == str(elsewhere)
-    assert expressions_nodes.resolve_video_path(None, "talking.mp4") == str(input_dir / "talking.mp4")
+    monkeypatch.delenv("FLASHPORTRAIT_ALLOW_OUTSIDE_PATHS")
     # Clear messages, returned by validation before anything runs.
     message = node.validate_inputs(video="gone.mp4", path="")
-    assert "'gone.mp4' is not in ComfyUI's input folder" in message
-    message = node.validate_inputs(video="talking.mp4", path="/no/such/clip.mp4")
-    assert "'/no/such/clip.mp4' does not exist" in message
+    assert "video 'gone.mp4' was not found in ComfyUI's input folder" in message
+    assert "path 'clips' is a folder" in node.validate_inputs(video="talking.mp4", path="clips")
+    assert "longer than 255 bytes" in node.validate_inputs(video="talking.mp4", path="x" * 300 + ".mp4")
     assert "put a video in ComfyUI's input folder" in node.validate_inputs(video="", path="")
 
 

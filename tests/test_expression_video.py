@@ -48,3 +48,48 @@ def test_clear_errors_for_unusable_files(tmp_path: Path) -> None:
     with pytest.raises(VideoReadError):
         read_video_frames(truncated)
     assert issubclass(VideoReadError, ValueError)
+
+
+def write_variable_rate_video(path: Path, intervals_ms: list[int], images=None) -> None:
+    """An H.264 file whose frames are the given milliseconds apart (a phone's variable frame rate): flat grey
+    64x64 frames, or ``images`` [len(intervals_ms) + 1, H, W, 3] uint8."""
+    from fractions import Fraction
+
+    import av
+    import numpy as np
+
+    count = len(intervals_ms) + 1
+    if images is None:
+        images = np.stack([np.full((64, 64, 3), index * 8 % 256, np.uint8) for index in range(count)])
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.height, stream.width = images.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        time = 0
+        for image, interval in zip(images, [*intervals_ms, 40]):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            frame.pts, frame.time_base = time, Fraction(1, 1000)
+            time += interval
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in DRIVING.glob("*.mp4")))
+def test_constant_rate_videos_have_no_timing_note(name: str) -> None:
+    from flashportrait_core.expression.video import probe_video, variable_rate_note
+
+    assert variable_rate_note(DRIVING / name, probe_video(DRIVING / name).fps) is None
+
+
+def test_variable_rate_video_is_reported(tmp_path: Path) -> None:
+    from flashportrait_core.expression.video import frame_intervals, probe_video, variable_rate_note
+
+    path = tmp_path / "vfr.mp4"
+    write_variable_rate_video(path, [40] * 15 + [20] * 14)
+    assert frame_intervals(path).round(3).tolist() == [0.04] * 15 + [0.02] * 14
+    fps = probe_video(path).fps
+    note = variable_rate_note(path, fps)
+    assert note.startswith(f"variable frame rate: frames 20-40 ms apart; they are used in order at the average "
+                           f"{fps:g} fps (as published)")
+    assert variable_rate_note(path, fps, max_frames=10) is None  # the first 10 frames are evenly spaced

@@ -183,9 +183,10 @@ def test_emotion_conditioning_node_refuses_mismatched_expressions(tiny_folders):
     with pytest.raises(pack_validation.ShapeMismatchError, match="9 frame.* but expressions.found has 7"):
         conditioning_nodes.FlashPortraitEmotionConditioning.execute(Expressions(), encoder, 1.0, 4.0, 1.0)
     Expressions.found = torch.ones(9, dtype=torch.bool)
-    emotion = conditioning_nodes.FlashPortraitEmotionConditioning.execute(Expressions(), encoder, 1.0, 4.0,
-                                                                          1.0).result[0]
+    emotion, report = conditioning_nodes.FlashPortraitEmotionConditioning.execute(Expressions(), encoder, 1.0, 4.0,
+                                                                                  1.0).result
     assert emotion.num_video_frames == 9 and emotion.num_latent_frames == 3
+    assert report == "9 driving frames -> 3 latent frames"
 
 
 def test_window_node_names_the_fix():

@@ -19,7 +19,7 @@ from .alignment import align_face_crops, cut_warp_regions, similarity_to_templat
 from .face_track import FaceBackend, FaceTrack
 from .pdfgc import FEATURE_DIM, FanEncoder, expression_features
 from .smoothing import face_sizes, settings_for_strength, smooth_sequence
-from .video import DEFAULT_FPS, iter_video_chunks, probe_video
+from .video import DEFAULT_FPS, iter_video_chunks, probe_video, variable_rate_note
 
 # Values a little outside [0, 1] (resampling overshoot) are clamped; beyond this the scale is wrong (e.g. 0-255).
 RANGE_TOLERANCE = 0.25
@@ -373,6 +373,9 @@ def extract_expression_features_from_video(
     result = _result(stable, features, info.fps, smoothing, (info.height, info.width), point_filter)
     if info.frame_count_exact and max_frames is None and info.frame_count != result.source_frames:
         result.notes.append(f"the container states {info.frame_count} frames, {result.source_frames} decoded")
+    timing = variable_rate_note(info.path, info.fps, max_frames)
+    if timing:
+        result.notes.append(timing)
     result.source = os.path.basename(info.path)
     if target_fps:
         result = resample_expressions(result, float(target_fps))

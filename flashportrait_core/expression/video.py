@@ -15,6 +15,9 @@ import numpy as np
 import torch
 
 DEFAULT_FPS = 25.0
+# Frame intervals spreading wider than this share of the median interval make a variable-frame-rate video
+# (container timestamps rounded to a coarse time base stay well inside it).
+VARIABLE_RATE_SPREAD = 0.2
 
 
 class VideoReadError(ValueError):
@@ -113,6 +116,39 @@ def probe_video(path: str | os.PathLike[str]) -> VideoInfo:
         width, height = height, width
     return VideoInfo(path=path, width=width, height=height, fps=fps, frame_count=count, frame_count_exact=exact,
                      rotation=rotation)
+
+
+def frame_intervals(path: str | os.PathLike[str], max_frames: int | None = None) -> np.ndarray:
+    """Seconds between consecutive frames (presentation order), from the packets' timestamps: the file is
+    read without decoding. Empty when the container has fewer than two timed frames."""
+    path = _check_file(path)
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        times = [packet.pts for packet in container.demux(stream) if packet.pts is not None and packet.size]
+        time_base = float(stream.time_base or 0)
+    finally:
+        container.close()
+    times = np.sort(np.asarray(times, dtype=np.float64))[:max_frames]
+    return np.diff(times) * time_base if time_base else np.zeros(0)
+
+
+def variable_rate_note(path: str | os.PathLike[str], fps: float, max_frames: int | None = None) -> str | None:
+    """A report line when the video's frames are not evenly spaced in time (None when they are).
+
+    Its frames are still taken one after another at the container's average rate, as the published pipeline
+    reads them; the line says so, since motion then plays faster or slower where the rate changed.
+    """
+    intervals = frame_intervals(path, max_frames)
+    if intervals.size < 2:
+        return None
+    median = float(np.median(intervals))
+    low, high = float(intervals.min()), float(intervals.max())
+    if median <= 0 or (high - low) <= VARIABLE_RATE_SPREAD * median:
+        return None
+    return (f"variable frame rate: frames {low * 1000:.0f}-{high * 1000:.0f} ms apart; they are used in order at "
+            f"the average {fps:g} fps (as published), so motion plays faster or slower where the rate changes; "
+            f"to follow the timestamps, re-encode at a constant rate first (e.g. ffmpeg -i in.mp4 -vf fps=30 out.mp4)")
 
 
 def iter_video_chunks(path: str | os.PathLike[str], chunk_size: int,
