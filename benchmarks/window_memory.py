@@ -14,10 +14,23 @@ the Wan 2.1 VAE in bf16; above the free memory the decoder uses 256 px tiles, ab
 from __future__ import annotations
 
 import argparse
+import math
+import sys
+from pathlib import Path
 
-DIM, FFN_DIM, BLOCKS, PARAMETERS = 5120, 13824, 40, 14.3e9  # Wan 2.1 I2V 14B
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_full_size import WAN_14B, dit_shapes  # noqa: E402
+
+DIM, FFN_DIM = WAN_14B["dim"], WAN_14B["ffn_dim"]
 BYTES = 2  # bf16
 GB = 1e9
+
+
+def parameter_counts() -> tuple[int, int]:
+    """Parameters of the Wan 2.1 I2V 14B DiT and of FlashPortrait's emotion projections, from the published shapes."""
+    shapes = dit_shapes(**WAN_14B)
+    emotion = sum(math.prod(s) for k, s in shapes.items() if ".emo_" in k)
+    return sum(math.prod(s) for s in shapes.values()) - emotion, emotion
 
 
 def window_figures(side: int, frames: int) -> dict[str, float]:
@@ -35,7 +48,9 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=51, help="latent frames per window (published: 51)")
     parser.add_argument("--sides", type=int, nargs="+", default=[720, 1024, 2048])
     args = parser.parse_args()
-    print(f"weights: {PARAMETERS * 2 / GB:.1f} GB in bf16, {PARAMETERS / GB:.1f} GB in fp8 (not per window)")
+    wan, emotion = parameter_counts()
+    print(f"weights (not per window): Wan DiT {wan / 1e9:.2f} B parameters + emotion projections {emotion / 1e9:.2f} B "
+          f"= {(wan + emotion) * 2 / GB:.1f} GB in bf16, {(wan + emotion) / GB:.1f} GB in fp8")
     print("| size | tokens per window | peak activations per DiT pass | window latents | decode, one latent "
           "frame whole (ComfyUI's estimate) |")
     print("|---|---|---|---|---|")

@@ -5,7 +5,7 @@ import torch
 from comfy_api.latest import io
 
 from ..flashportrait_core.sampling.alp import PRESETS, config_for_speedup, preset
-from ..flashportrait_core.sampling.choice import check_sampling_widgets
+from ..flashportrait_core.sampling.choice import MAX_TARGET_SPEEDUP, check_sampling_widgets
 from ..flashportrait_core.sampling.schedules import DISTILLED_4STEP, PUBLISHED, SCHEDULES, sampling_sigmas
 from . import resume_store
 from .guider import build_guider, empty_video_latent, progress_reporter
@@ -30,7 +30,7 @@ class FlashPortraitGuiderNode(io.ComfyNode):
                                tooltip="off: every step computed, as published. quality / balanced / fast: "
                                        "Adaptive Latent Prediction (this pack's reconstruction), ~3x / 4x / 6x "
                                        "fewer DiT passes; needs the euler sampler (KSamplerSelect euler)."),
-                io.Float.Input("target_speedup", default=0.0, min=0.0, max=10.0, step=0.5,
+                io.Float.Input("target_speedup", default=0.0, min=0.0, max=MAX_TARGET_SPEEDUP, step=0.5,
                                tooltip="Optional, with an ALP preset only: a target speed-up instead of the "
                                        "preset's; 0 uses the preset."),
                 resume_input(),
@@ -45,7 +45,7 @@ class FlashPortraitGuiderNode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, acceleration: str = "off", target_speedup: float = 0.0,
-                        resume: str = resume_store.OFF, **_) -> bool | str:
+                        resume: str = resume_store.OFF) -> bool | str:
         try:
             check_sampling_widgets(acceleration, "euler", target_speedup, PUBLISHED)
             resume_store.ResumePolicy.from_choice(resume)

@@ -12,8 +12,8 @@ from comfy_api.latest import io
 
 from ..flashportrait_core.expression.backends import FaceBackendChoice, FaceBackendUnavailableError
 from ..flashportrait_core.expression.reference_check import reference_face_note
-from ..flashportrait_core.sampling.choice import (ACCELERATIONS, FOUR_STEP_LORA, check_sampling_widgets,
-                                                  resolve_sampling)
+from ..flashportrait_core.sampling.choice import (ACCELERATIONS, FOUR_STEP_LORA, MAX_TARGET_SPEEDUP,
+                                                  check_sampling_widgets, resolve_sampling)
 from ..flashportrait_core.sampling.schedules import PUBLISHED, SIMPLE
 from ..flashportrait_core.sampling.solvers import STEP_SOLVERS, sample_adams_denoised
 from ..flashportrait_core.validation import size_note, window_note
@@ -132,7 +132,8 @@ class FlashPortraitSampler(io.ComfyNode):
                 max_side_input(),
                 io.Combo.Input("acceleration", options=list(ACCELERATIONS), default="off",
                                tooltip=ACCELERATION_TOOLTIP),
-                io.Float.Input("target_speedup", default=0.0, min=0.0, max=10.0, step=0.5, tooltip=TARGET_TOOLTIP),
+                io.Float.Input("target_speedup", default=0.0, min=0.0, max=MAX_TARGET_SPEEDUP, step=0.5,
+                               tooltip=TARGET_TOOLTIP),
                 io.Combo.Input("sampler", options=list(STEP_SOLVERS), default="euler",
                                tooltip="Step update. euler: as published. adams2 / adams3: multistep "
                                        "(Adams-Bashforth) over the last velocities (adams3 from 8 steps); need "
@@ -156,7 +157,7 @@ class FlashPortraitSampler(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, acceleration: str = "off", sampler: str = "euler", target_speedup: float = 0.0,
-                        schedule: str = PUBLISHED, resume: str = resume_store.OFF, **_) -> bool | str:
+                        schedule: str = PUBLISHED, resume: str = resume_store.OFF) -> bool | str:
         try:
             check_sampling_widgets(acceleration, sampler, target_speedup, schedule)
             resume_store.ResumePolicy.from_choice(resume)

@@ -130,8 +130,8 @@ def test_a_target_never_switches_alp_on_by_itself(target):
         resolve_sampling("off", 30, 5.0, target_speedup=target)
 
 
-@pytest.mark.parametrize("target", [0.5, 1.0, -2.0, float("nan")])
-def test_a_target_that_is_no_speedup_is_refused(target):
+@pytest.mark.parametrize("target", [0.5, 1.0, -2.0, float("nan"), 10.5])
+def test_a_target_that_is_no_speedup_or_beyond_the_presets_is_refused(target):
     with pytest.raises(ValueError, match="target_speedup"):
         resolve_sampling("quality", 30, 5.0, target_speedup=target)
 

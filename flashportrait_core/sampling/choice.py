@@ -15,6 +15,7 @@ FOUR_STEP_LORA = "4-step LoRA"
 ACCELERATIONS = (*PRESETS, FOUR_STEP_LORA)
 # Adams-3 is unstable on very coarse grids (testbed: worse than Euler at 4-5 steps, better from 8).
 MIN_STEPS_FOR = {"adams3": 8}
+MAX_TARGET_SPEEDUP = 10.0  # beyond the tuned anchors ALP would quietly keep the last anchor's settings
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,9 @@ def check_sampling_widgets(acceleration: str, solver: str, target_speedup: float
     if target_speedup and acceleration in ("off", FOUR_STEP_LORA):
         raise ValueError(f"target_speedup {target_speedup:g} needs an ALP preset (quality, balanced or fast), but "
                          f"acceleration is '{acceleration}'; choose a preset, or set target_speedup to 0")
+    if target_speedup > MAX_TARGET_SPEEDUP:
+        raise ValueError(f"target_speedup {target_speedup:g} is above the largest supported speed-up "
+                         f"({MAX_TARGET_SPEEDUP:g}); set {MAX_TARGET_SPEEDUP:g} or less")
     if 0 < target_speedup <= 1.0:
         raise ValueError(f"target_speedup {target_speedup:g} is no speed-up (1 = every step computed); set it "
                          f"above 1, or 0 to use the '{acceleration}' preset, or set acceleration to off")
