@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from scripts import comfy_client, host  # noqa: E402
-from flashportrait_core.lora_keys import convert_step_distill_lora  # noqa: E402
+from flashportrait_core.weights.lora_keys import convert_step_distill_lora  # noqa: E402
 from scripts.make_tiny_models import write_tiny_models  # noqa: E402
 from scripts.workflow_prep import TINY_MODELS, Settings, load_ui_workflow, prepare_prompt  # noqa: E402
 

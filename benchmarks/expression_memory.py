@@ -60,7 +60,7 @@ def _small_encoder():
 
 def worker(video: str, max_frames: int | None, encoder_kind: str, weights: str | None, batch_size: int) -> dict:
     sys.path.insert(0, str(REPO_ROOT))
-    from flashportrait_core.checkpoints import load_state_dict
+    from flashportrait_core.weights.checkpoints import load_state_dict
     from flashportrait_core.expression import (extract_expression_features_from_video, load_fan_encoder,
                                                random_fan_encoder_state_dict)
     from flashportrait_core.expression.mediapipe_backend import MediaPipeFaceBackend

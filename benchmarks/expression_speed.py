@@ -34,7 +34,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from flashportrait_core.checkpoints import load_state_dict  # noqa: E402
+from flashportrait_core.weights.checkpoints import load_state_dict  # noqa: E402
 from flashportrait_core.expression import (extract_expression_features_from_video, load_fan_encoder,  # noqa: E402
                                            random_fan_encoder_state_dict)
 from flashportrait_core.expression import extract as extract_module  # noqa: E402

@@ -77,7 +77,7 @@ def dit_shapes(dim: int, ffn_dim: int, num_blocks: int, token_dim: int) -> dict[
 
 
 class RandomDit:
-    """A checkpoint reader (``flashportrait_core.checkpoint_reader``'s interface) that draws each weight when asked:
+    """A checkpoint reader (``flashportrait_core.weights.reader``'s interface) that draws each weight when asked:
     linear weights ~ N(0, 1/fan_in), biases and modulations small, norm scales 1. Drawn on the GPU when there is
     one (fast), handed to the loader on the CPU like a file's tensor."""
 
@@ -113,7 +113,7 @@ class RandomDit:
 
 
 def build_model(pack, arch: dict, weight_dtype: str):
-    from flashportrait_pack.flashportrait_core.checkpoints import FLASHPORTRAIT, plan_flashportrait_dit
+    from flashportrait_pack.flashportrait_core.weights.checkpoints import FLASHPORTRAIT, plan_flashportrait_dit
 
     reader = RandomDit(dit_shapes(**arch), torch.bfloat16)
     layout = plan_flashportrait_dit(reader.meta(), None, flashportrait_name="random 14B DiT")

@@ -16,8 +16,8 @@ import comfy.model_patcher
 import comfy.utils
 import torch
 
-from ..flashportrait_core.checkpoint_reader import CheckpointReader
-from ..flashportrait_core.checkpoints import BASE, FLASHPORTRAIT, CheckpointError, DitLayout
+from ..flashportrait_core.weights.reader import CheckpointReader
+from ..flashportrait_core.weights.checkpoints import BASE, FLASHPORTRAIT, CheckpointError, DitLayout
 from .wan_patch import attach_emotion_projections, patch_emotion_blocks
 
 

@@ -10,8 +10,8 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..flashportrait_core.checkpoint_reader import open_checkpoint
-from ..flashportrait_core.checkpoints import (BASE, FLASHPORTRAIT, CheckpointError, flashportrait_holds_complete_dit,
+from ..flashportrait_core.weights.reader import open_checkpoint
+from ..flashportrait_core.weights.checkpoints import (BASE, FLASHPORTRAIT, CheckpointError, flashportrait_holds_complete_dit,
                                               load_state_dict, plan_flashportrait_dit)
 from ..flashportrait_core.expression.backends import BACKEND_CHOICES, FaceBackendChoice, resolve_face_backend
 from ..flashportrait_core.expression.pdfgc import load_fan_encoder

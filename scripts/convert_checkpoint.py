@@ -11,7 +11,7 @@ from pathlib import Path
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # imported by tests: ComfyUI's `nodes` stays first
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flashportrait_core.checkpoints import CheckpointError, convert_to_safetensors  # noqa: E402
+from flashportrait_core.weights.checkpoints import CheckpointError, convert_to_safetensors  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from flashportrait_core.lora_keys import convert_step_distill_lora, lora_key_summary  # noqa: E402
+from flashportrait_core.weights.lora_keys import convert_step_distill_lora, lora_key_summary  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flashportrait_core.checkpoint_reader import CheckpointError, open_checkpoint
+from flashportrait_core.weights.reader import CheckpointError, open_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +81,7 @@ def test_damaged_safetensors_files_name_themselves(tmp_path):
 _COPY_CHILD = textwrap.dedent("""
     import sys, torch
     from pathlib import Path
-    from flashportrait_core.checkpoint_reader import open_checkpoint
+    from flashportrait_core.weights.reader import open_checkpoint
 
     def status(field):
         return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1]) * 1024

@@ -6,7 +6,7 @@ import math
 import sys
 from pathlib import Path
 
-from flashportrait_core.checkpoints import wan_i2v_keys
+from flashportrait_core.weights.checkpoints import wan_i2v_keys
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import gpu_full_size  # noqa: E402

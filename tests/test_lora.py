@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flashportrait_core.lora_keys import convert_step_distill_lora, lora_key_summary
+from flashportrait_core.weights.lora_keys import convert_step_distill_lora, lora_key_summary
 from pack import REPO_ROOT, import_pack
 from tiny_nodes import tiny_vae  # noqa: F401 (fixture)
 

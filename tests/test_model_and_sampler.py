@@ -4,14 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flashportrait_core.checkpoints import load_state_dict
+from flashportrait_core.weights.checkpoints import load_state_dict
 from flashportrait_core.conditioning.emotion_conditioning import EmotionConditioning
 from pack import import_pack
 from tiny_nodes import tiny_folders, tiny_model, tiny_vae  # noqa: F401 (fixtures)
 
 pack = import_pack()
 # The nodes raise the pack's own classes (the core imported as part of the pack).
-from flashportrait_pack.flashportrait_core.checkpoints import CheckpointError  # noqa: E402
+from flashportrait_pack.flashportrait_core.weights.checkpoints import CheckpointError  # noqa: E402
 
 loaders = pack.nodes.loaders
 conditioning_nodes = pack.nodes.conditioning

@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from flashportrait_core.checkpoints import load_state_dict, wan_i2v_keys
+from flashportrait_core.weights.checkpoints import load_state_dict, wan_i2v_keys
 from pack import import_pack
 from tiny_nodes import tiny_folders, tiny_model  # noqa: F401 (fixtures)
 
 pack = import_pack()
 import folder_paths  # noqa: E402
-from flashportrait_pack.flashportrait_core.checkpoints import CheckpointError  # noqa: E402
+from flashportrait_pack.flashportrait_core.weights.checkpoints import CheckpointError  # noqa: E402
 
 loaders = pack.nodes.loaders
 TINY_WAN, TINY_OVERLAY = "wan2.1_i2v_tiny.safetensors", "transformer_tiny.pt"

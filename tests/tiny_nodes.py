@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flashportrait_core.checkpoints import load_state_dict
+from flashportrait_core.weights.checkpoints import load_state_dict
 from pack import import_pack
 
 pack = import_pack()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..checkpoints import unwrap_state_dict
+from ..weights.checkpoints import unwrap_state_dict
 
 #: Names of the four parts of a frame's expression features, in the order they are concatenated.
 FEATURE_PARTS: tuple[str, ...] = ("headpose", "eye", "emo", "mouth")

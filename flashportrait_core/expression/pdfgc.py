@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints import unwrap_state_dict
+from ..weights.checkpoints import unwrap_state_dict
 
 CROP_SIZE = 224
 HEADPOSE_DIM = 6

@@ -10,7 +10,7 @@ from typing import Iterable
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint_reader import CheckpointError, open_checkpoint, unwrap_state_dict
+from .reader import CheckpointError, open_checkpoint, unwrap_state_dict
 
 __all__ = ["CheckpointError", "unwrap_state_dict"]  # re-exported: loaders and tests import them from here
 
@@ -24,7 +24,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
     Pickles that want to build anything but tensors and plain containers are refused, so a crafted file
     cannot run code. A state dict nested under ``state_dict``/``module``/``model`` is unwrapped. Large models are
-    read tensor by tensor instead (``checkpoint_reader.open_checkpoint``).
+    read tensor by tensor instead (``reader.open_checkpoint``).
     """
     with open_checkpoint(path) as reader:
         return {key: reader.read(key) for key in reader.keys()}
