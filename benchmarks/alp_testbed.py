@@ -3,8 +3,9 @@
 The data: 283 real face frames, every 6th frame of the first six ``lp_d*`` driving videos in sorted()
 order (lp_d0, lp_d10, lp_d11, lp_d12, lp_d14, lp_d18), decoded with PyAV, area-resized to 32x32 RGB in
 [-1, 1]. They are the means of an equal-weight Gaussian mixture with component std tau = 0.3, whose
-flow-matching velocity is exact (see ``MixtureVelocity``). "Full" is 30 Euler steps on the shift-5
-grid; "converged" is 400 Euler steps on the same schedule. Fidelity is PSNR (peak-to-peak 2) averaged
+flow-matching velocity is exact (see ``MixtureVelocity``). "Full" is 30 Euler steps on the published
+shift-5 grid (diffusers' flow-matching Euler, the sampler's default); "converged" is 400 Euler steps on the same
+schedule. Fidelity is PSNR (peak-to-peak 2) averaged
 over seeds; cost is the number of velocity evaluations.
 
 Seeds: every tunable setting (ALP presets, the baselines' thresholds and compute-step placements) is
@@ -31,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from flashportrait_core.sampling.alp import ALPConfig, config_for_speedup, preset, sample_alp  # noqa: E402
-from flashportrait_core.sampling.schedules import simple_sigmas  # noqa: E402
+from flashportrait_core.sampling.schedules import published_sigmas  # noqa: E402
 from flashportrait_core.sampling.solvers import sample_adams, sample_euler, sample_unipc  # noqa: E402
 
 DRIVING_DIR = REPO / ".." / "shared" / "data" / "driving"
@@ -232,11 +233,11 @@ class Case:
         self.velocity = velocity
         self.seeds = tuple(seeds)
         self.noise = seed_noise(self.seeds)
-        self.full_grid = simple_sigmas(FULL_STEPS, SHIFT)
+        self.full_grid = published_sigmas(FULL_STEPS, SHIFT)
         # References in one batch (the velocity treats batch rows independently).
         batch = torch.cat(self.noise)
         self.full = list(sample_euler(velocity, batch, self.full_grid).split(1))
-        self.converged = list(sample_euler(velocity, batch, simple_sigmas(CONVERGED_STEPS, SHIFT)).split(1))
+        self.converged = list(sample_euler(velocity, batch, published_sigmas(CONVERGED_STEPS, SHIFT)).split(1))
 
     def score(self, method: Callable[[torch.Tensor], tuple[torch.Tensor, int]]) -> tuple[float, float, float, int]:
         """Mean PSNR vs full, vs converged, mean and max evaluations (counted by the velocity)."""
@@ -267,8 +268,8 @@ def methods_for_budget(budget: int, tuning: Case) -> dict[str, tuple[Callable, s
     """Every method at ``budget``; tunable ones tuned on ``tuning``. name -> (method, settings)."""
     grid = tuning.full_grid
     steps = FULL_STEPS
-    coarse = simple_sigmas(budget, SHIFT)
-    unshifted = simple_sigmas(budget, 1.0)
+    coarse = published_sigmas(budget, SHIFT)
+    unshifted = published_sigmas(budget, 1.0)
     methods: dict[str, tuple[Callable, str]] = {
         "Euler (own grid)": (lambda x: (sample_euler(tuning.velocity, x, coarse), budget), f"{budget} steps, shift {SHIFT:g}"),
         "Adams-2 (own grid)": (lambda x: (sample_adams(tuning.velocity, x, coarse, 2), budget), "k-diffusion LMS weights"),

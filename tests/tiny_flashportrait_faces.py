@@ -21,12 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from tiny_insightface import save_onnx
+
 DETECTOR_HEIGHT, DETECTOR_WIDTH = 272, 160
 STRIDES = (8, 16, 32)
 BINS = 8
 CROP = 128
 POINTS = 222
-OPSET = 17
 
 
 def grid(stride: int) -> tuple[int, int]:
@@ -37,18 +38,6 @@ def distance_logits(bins: tuple[float, float, float, float], sharpness: float = 
     """32 logits whose softmax means are close to `bins` (left, top, right, bottom, in bins 0..7)."""
     centres = np.arange(BINS)
     return np.concatenate([-sharpness * (centres - value) ** 2 for value in bins]).astype(np.float32)
-
-
-def _save(graph, path: Path) -> Path:
-    import onnx
-    from onnx import helper
-
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
 
 
 def write_face_detector(path: Path, channel_weights: tuple[float, float, float] = (0.0, 0.0, 0.0),
@@ -97,7 +86,7 @@ def write_face_detector(path: Path, channel_weights: tuple[float, float, float] 
         nodes, "tiny_face_det",
         [helper.make_tensor_value_info("data", TensorProto.FLOAT, [1, 3, DETECTOR_HEIGHT, DETECTOR_WIDTH])],
         score_outputs + distance_outputs, initializers)
-    return _save(graph, path)
+    return save_onnx(graph, path)
 
 
 def face_template(angle_degrees: float = 0.0, seed: int = 0) -> np.ndarray:
@@ -168,7 +157,7 @@ def write_landmark_model(path: Path, template: np.ndarray, follow: float = 0.0,
         [helper.make_tensor_value_info("landmarks", TensorProto.FLOAT, [1, 2 * POINTS]),
          helper.make_tensor_value_info("euler", TensorProto.FLOAT, [1, 3]),
          helper.make_tensor_value_info("score", TensorProto.FLOAT, [1, 1])], initializers)
-    return _save(graph, path)
+    return save_onnx(graph, path)
 
 
 def write_skin_face_files(folder: Path) -> tuple[Path, Path]:

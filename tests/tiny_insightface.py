@@ -42,7 +42,8 @@ class PlantedFace:
         return self.anchor_centre() + 8 * np.asarray(self.point_offsets, dtype=np.float64).reshape(5, 2)
 
 
-def _save(graph, path: Path) -> Path:
+def save_onnx(graph, path: Path) -> Path:
+    """``graph`` as a checked ONNX model file at ``path`` (opset 17, IR 8: what onnxruntime here reads)."""
     import onnx
     from onnx import helper
 
@@ -79,7 +80,7 @@ def write_scrfd(path: Path, faces: list[PlantedFace]) -> Path:
     graph = helper.make_graph(
         nodes, "tiny_scrfd",
         [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "?", "?"])], outputs, initializers)
-    return _save(graph, path)
+    return save_onnx(graph, path)
 
 
 def write_landmark_model(path: Path, weight: np.ndarray, bias: np.ndarray, normalises_input: bool) -> Path:
@@ -107,4 +108,4 @@ def write_landmark_model(path: Path, weight: np.ndarray, bias: np.ndarray, norma
         nodes, "tiny_2d106det",
         [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["None", 3, LANDMARK_INPUT, LANDMARK_INPUT])],
         [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, ["None", LANDMARK_VALUES])], initializers)
-    return _save(graph, path)
+    return save_onnx(graph, path)

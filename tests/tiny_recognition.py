@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tiny_insightface import _save
+from tiny_insightface import save_onnx
 
 CROP = 112
 EMBEDDING = 512
@@ -45,4 +45,4 @@ def write_recognition_model(path: Path, seed: int = 0, normalises_input: bool = 
         nodes, "tiny_arcface",
         [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [batch, 3, CROP, CROP])],
         [helper.make_tensor_value_info("683", TensorProto.FLOAT, [batch, EMBEDDING])], initializers)
-    return _save(graph, path)
+    return save_onnx(graph, path)

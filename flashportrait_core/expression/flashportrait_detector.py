@@ -137,18 +137,26 @@ def to_frame(boxes: np.ndarray, transform: np.ndarray, height: int, width: int) 
     return framed.reshape(-1, 4).astype(np.float32).astype(np.int32)
 
 
+def open_image_session(path: Path, providers: Sequence[str], runtime: Any, height: int, width: int,
+                       what: str) -> tuple[Any, str]:
+    """An onnxruntime session on ``path`` and its input's name, refused unless the input is an image batch
+    [N, 3, height, width] (dynamic sizes accepted); ``what`` names the published model in the error."""
+    session = runtime.InferenceSession(str(path), providers=list(providers))
+    model_input = session.get_inputs()[0]
+    static = [d for d in model_input.shape[1:] if isinstance(d, int)]
+    if len(model_input.shape) != 4 or (len(static) == 3 and static != [3, height, width]):
+        raise FaceFileError(f"{path.name} takes input {model_input.shape}; the published {what} takes "
+                            f"[1, 3, {height}, {width}]")
+    return session, model_input.name
+
+
 class FaceDetector:
     """`face_det.onnx` in an onnxruntime session."""
 
     def __init__(self, path: str | os.PathLike[str], providers: Sequence[str], runtime: Any) -> None:
         self.path = Path(path)
-        self._session = runtime.InferenceSession(str(self.path), providers=list(providers))
-        model_input = self._session.get_inputs()[0]
-        self._input_name = model_input.name
-        static = [d for d in model_input.shape[1:] if isinstance(d, int)]
-        if len(model_input.shape) != 4 or (len(static) == 3 and static != [3, INPUT_HEIGHT, INPUT_WIDTH]):
-            raise FaceFileError(f"{self.path.name} takes input {model_input.shape}; the published face detector "
-                                f"takes [1, 3, {INPUT_HEIGHT}, {INPUT_WIDTH}]")
+        self._session, self._input_name = open_image_session(self.path, providers, runtime, INPUT_HEIGHT,
+                                                             INPUT_WIDTH, "face detector")
         if len(self._session.get_outputs()) != 2 * len(STRIDES):
             raise FaceFileError(f"{self.path.name} has {len(self._session.get_outputs())} outputs; the published "
                                 f"face detector has {2 * len(STRIDES)}")

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .flashportrait_detector import FaceFileError, import_cv2
+from .flashportrait_detector import FaceFileError, import_cv2, open_image_session
 from .landmark_smoothing import LANDMARK_COUNT
 
 CROP_SIZE = 128
@@ -104,13 +104,8 @@ class LandmarkModel:
 
     def __init__(self, path: str | os.PathLike[str], providers: Sequence[str], runtime: Any) -> None:
         self.path = Path(path)
-        self._session = runtime.InferenceSession(str(self.path), providers=list(providers))
-        model_input = self._session.get_inputs()[0]
-        self._input_name = model_input.name
-        static = [d for d in model_input.shape[1:] if isinstance(d, int)]
-        if len(model_input.shape) != 4 or (len(static) == 3 and static != [3, CROP_SIZE, CROP_SIZE]):
-            raise FaceFileError(f"{self.path.name} takes input {model_input.shape}; the published landmark model "
-                                f"takes [1, 3, {CROP_SIZE}, {CROP_SIZE}]")
+        self._session, self._input_name = open_image_session(self.path, providers, runtime, CROP_SIZE, CROP_SIZE,
+                                                             "landmark model")
         outputs = self._session.get_outputs()
         self._output_names = [output.name for output in outputs]
         if len(outputs) != 3:
