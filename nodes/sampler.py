@@ -12,10 +12,9 @@ from comfy_api.latest import io
 
 from ..flashportrait_core.expression.backends import FaceBackendChoice, FaceBackendUnavailableError
 from ..flashportrait_core.expression.reference_check import reference_face_note
-from ..flashportrait_core.sampling.choice import (ACCELERATIONS, FOUR_STEP_LORA, MAX_TARGET_SPEEDUP,
+from ..flashportrait_core.sampling.choice import (ACCELERATIONS, EULER, FOUR_STEP_LORA, MAX_TARGET_SPEEDUP,
                                                   check_sampling_widgets, resolve_sampling)
 from ..flashportrait_core.sampling.schedules import PUBLISHED, SIMPLE
-from ..flashportrait_core.sampling.solvers import STEP_SOLVERS, sample_adams_denoised
 from ..flashportrait_core.validation import size_note, window_note
 from . import resume_store, types
 from .guider import build_guider, empty_video_latent, progress_reporter
@@ -37,6 +36,9 @@ RESUME_TOOLTIP = ("Checkpoints of an unfinished run in output/flashportrait_resu
                   "crashed) continues where it stopped when queued again with the same settings. Each checkpoint "
                   "holds the whole video's latents (the report shows the size); 'every window' also the step's "
                   "blend so far. Needs the euler sampler. A finished run deletes its checkpoints.")
+SAMPLER_TOOLTIP = ("Step update. euler: the published one. The others are ComfyUI's own samplers (as in "
+                   "KSamplerSelect): a different sample from the published one. ALP, the 4-step LoRA path and "
+                   "resume checkpoints need euler.")
 
 
 def available_face_backend() -> FaceBackendChoice | None:
@@ -47,13 +49,17 @@ def available_face_backend() -> FaceBackendChoice | None:
         return None
 
 
-def step_sampler(solver: str) -> comfy.samplers.KSAMPLER:
-    """ComfyUI's euler, or the pack's Adams-Bashforth in ComfyUI's sampler form."""
-    if solver == "euler":
-        return comfy.samplers.sampler_object("euler")
-    adams = comfy.samplers.KSAMPLER(sample_adams_denoised, {"order": int(solver[len("adams"):])})
-    adams.label = solver
-    return adams
+def sampler_choices() -> list[str]:
+    """The sampler widget's options: euler first (the default, the published update), then ComfyUI's others."""
+    return [EULER, *(name for name in comfy.samplers.KSampler.SAMPLERS if name != EULER)]
+
+
+def step_sampler(name: str) -> comfy.samplers.KSAMPLER:
+    """The SAMPLER KSamplerSelect gives for ``name``, labelled with that name for the report (``ddim`` and
+    ``uni_pc`` would otherwise read as the k-diffusion function they run)."""
+    sampler = comfy.samplers.sampler_object(name)
+    sampler.label = name
+    return sampler
 
 
 def guider_inputs() -> list:
@@ -120,7 +126,7 @@ class FlashPortraitSampler(io.ComfyNode):
             description="Animates the reference portrait with the driving expressions: the published sliding-window "
                         "sampling (defaults: the published settings) through ComfyUI's sampling, with latent "
                         "previews. The latents include the reference as frame 0; drop the first decoded frame. "
-                        "For other ComfyUI samplers and schedules use FlashPortrait Guider with "
+                        "For ComfyUI's other schedulers use FlashPortrait Guider with "
                         "SamplerCustomAdvanced.",
             inputs=[
                 *guider_inputs(),
@@ -134,11 +140,7 @@ class FlashPortraitSampler(io.ComfyNode):
                                tooltip=ACCELERATION_TOOLTIP),
                 io.Float.Input("target_speedup", default=0.0, min=0.0, max=MAX_TARGET_SPEEDUP, step=0.5,
                                tooltip=TARGET_TOOLTIP),
-                io.Combo.Input("sampler", options=list(STEP_SOLVERS), default="euler",
-                               tooltip="Step update. euler: as published. adams2 / adams3: multistep "
-                                       "(Adams-Bashforth) over the last velocities (adams3 from 8 steps); need "
-                                       "acceleration off. ComfyUI's own samplers: FlashPortrait Guider with "
-                                       "SamplerCustomAdvanced."),
+                io.Combo.Input("sampler", options=sampler_choices(), default=EULER, tooltip=SAMPLER_TOOLTIP),
                 io.Combo.Input("schedule", options=[PUBLISHED, SIMPLE], default=PUBLISHED, tooltip=SCHEDULE_TOOLTIP),
                 resume_input(),
                 io.Latent.Input("latent", optional=True,

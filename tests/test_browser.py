@@ -271,9 +271,13 @@ SOLVER_HINTS = """
   const lora = samplers.find((n) => n.widgets.find((w) => w.name === "acceleration").value === "4-step LoRA");
   const result = {alp: badges(alp).at(-1), lora: badges(lora).at(-1)};
   const solver = alp.widgets.find((w) => w.name === "sampler");
-  solver.value = "adams2";
-  result.alp_adams2 = badges(alp).at(-1);
+  solver.value = "dpmpp_2m";
+  result.alp_dpmpp_2m = badges(alp).at(-1);
   solver.value = "euler";
+  const loraSolver = lora.widgets.find((w) => w.name === "sampler");
+  loraSolver.value = "dpmpp_2m";
+  result.lora_dpmpp_2m = badges(lora).at(-1);
+  loraSolver.value = "euler";
   // The 4-step sampler fed straight from the model loader, without the LoRA:
   const loader = app.graph.nodes.find((n) => n.comfyClass === "FlashPortraitModelLoader");
   const linkId = lora.inputs[lora.findInputSlot("model")].link;
@@ -526,7 +530,8 @@ def test_workflows_are_served_as_templates(comfy_server):
 
 def test_sampler_choice_hints(browser_results):
     hints = browser_results["flashportrait_fast.json"]["solver_hints"]
-    assert hints == {"alp": "", "lora": "", "alp_adams2": "✖ 1", "lora_without_lora": "⚠ 1", "restored": ""}
+    assert hints == {"alp": "", "lora": "", "alp_dpmpp_2m": "✖ 1", "lora_dpmpp_2m": "✖ 1",
+                     "lora_without_lora": "⚠ 1", "restored": ""}
 
 
 def test_preview_widgets_are_neither_saved_as_values_nor_queued(browser_results):

@@ -146,10 +146,12 @@ def test_a_new_run_of_the_job_with_other_settings_removes_its_old_checkpoints_on
 
 def test_a_multistep_sampler_writes_no_checkpoints_and_says_why(tiny_setup, output_dir):
     model, vae = tiny_setup
-    _interrupted(model, vae, passes=14, acceleration="off", sampler="adams2")
+    _interrupted(model, vae, passes=14, acceleration="off", sampler="dpmpp_2m")
     assert not (output_dir / resume_store.RESUME_SUBFOLDER).exists()
-    _, _, text = _sample(model, vae, acceleration="off", sampler="adams2")
+    _, report, text = _sample(model, vae, acceleration="off", sampler="dpmpp_2m")
+    assert report.sampler == "dpmpp_2m" and not report.resumed_from
     assert "only the euler sampler can be resumed exactly" in text
+    assert not (output_dir / resume_store.RESUME_SUBFOLDER).exists()
 
 
 def test_latents_stay_on_the_model_device_for_one_window_or_a_cpu_model():

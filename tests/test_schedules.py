@@ -98,8 +98,8 @@ def test_four_step_lora_choice_runs_euler_on_the_distilled_sigmas_without_alp():
     assert "ALP off" in choice.notes[0] and "steps=30" in choice.notes[0] and "not used" in choice.notes[0]
     with pytest.raises(ValueError, match="needs an ALP preset"):
         resolve_sampling(FOUR_STEP_LORA, 30, 5.0, target_speedup=5.0)
-    with pytest.raises(ValueError, match="trained for Euler steps"):
-        resolve_sampling(FOUR_STEP_LORA, 30, 5.0, solver="adams2")
+    with pytest.raises(ValueError, match="trained for Euler steps.*set sampler to euler"):
+        resolve_sampling(FOUR_STEP_LORA, 30, 5.0, solver="dpmpp_2m")
 
 
 def test_presets_schedules_solvers_and_their_conflicts():
@@ -111,13 +111,15 @@ def test_presets_schedules_solvers_and_their_conflicts():
     assert torch.equal(resolve_sampling("off", 30, 5.0, schedule=SIMPLE).sigmas, simple_sigmas(30, 5.0))
     off = resolve_sampling("off", 30, 5.0)
     assert off.alp is None and off.notes == ()
-    assert resolve_sampling("off", 30, 5.0, solver="adams2").solver == "adams2"
+    # Any of ComfyUI's samplers runs with acceleration off, on the same grid as euler; with ALP none but euler.
+    other = resolve_sampling("off", 5, 5.0, solver="ipndm")
+    assert (other.solver, other.alp) == ("ipndm", None)
+    assert torch.equal(other.sigmas, published_sigmas(5, 5.0))
     targeted = resolve_sampling("balanced", 12, 5.0, target_speedup=5.0)
     assert targeted.alp.speedup == 5.0 and "target 5x instead of the balanced preset's 4x" in targeted.notes[0]
-    with pytest.raises(ValueError, match="do not combine.*acceleration to off"):
-        resolve_sampling("quality", 30, 5.0, solver="adams2")
-    with pytest.raises(ValueError, match="at least 8 steps"):
-        resolve_sampling("off", 5, 5.0, solver="adams3")
+    for acceleration in ("quality", "balanced", "fast"):
+        with pytest.raises(ValueError, match="'dpmpp_2m' and acceleration .* do not combine.*acceleration to off"):
+            resolve_sampling(acceleration, 30, 5.0, solver="dpmpp_2m")
     with pytest.raises(ValueError, match="acceleration must be one of"):
         resolve_sampling("turbo", 30, 5.0)
     with pytest.raises(ValueError, match="schedule must be"):

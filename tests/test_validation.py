@@ -193,3 +193,23 @@ def test_window_node_names_the_fix():
     message = windows_node.FlashPortraitWindows.validate_inputs(5, 5)
     assert message == "overlap (5) must be smaller than window_length (5): lower overlap to at most 4 or raise " \
                       "window_length"
+
+
+def test_sampler_node_offers_euler_then_comfyuis_samplers_and_refuses_what_needs_euler():
+    import comfy.samplers
+
+    options = next(i for i in sampler_node.FlashPortraitSampler.define_schema().inputs if i.id == "sampler").options
+    assert options[0] == "euler" and sorted(options) == sorted(comfy.samplers.KSampler.SAMPLERS)
+    assert "adams2" not in options and "adams3" not in options
+    validate = sampler_node.FlashPortraitSampler.validate_inputs
+    assert validate(acceleration="off", sampler="ipndm") is True
+    assert validate(acceleration="quality", sampler="euler") is True
+    message = validate(acceleration="fast", sampler="dpmpp_2m")
+    assert "'dpmpp_2m' and acceleration 'fast' do not combine" in message and "set sampler to euler" in message
+    message = validate(acceleration="4-step LoRA", sampler="deis")
+    assert "trained for Euler steps" in message and "set sampler to euler" in message
+    # The sampler the node builds is the one KSamplerSelect gives, named in the report as chosen.
+    built = sampler_node.step_sampler("ddim")
+    reference = comfy.samplers.sampler_object("ddim")
+    assert built.sampler_function is reference.sampler_function and built.inpaint_options == reference.inpaint_options
+    assert built.label == "ddim"

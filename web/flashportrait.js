@@ -68,15 +68,14 @@ function samplersFedBy(node) {
 const HINT_RULES = {
   FlashPortraitSampler(node) {
     const hints = [...maxSideHints(node), ...targetHints(node)];
-    // The sampler checks these only when it runs, after the models are loaded: say so before queueing.
+    // ALP and the 4-step LoRA path are built on Euler steps: ComfyUI's other samplers need acceleration off.
+    // Queueing refuses the pair too; the hint shows it while the widgets are set.
     const acceleration = valueOf(node, "acceleration");
-    const solver = valueOf(node, "sampler") ?? "euler";
+    const sampler = valueOf(node, "sampler") ?? "euler";
     const fourStep = acceleration === FOUR_STEP_LORA;
-    if (solver !== "euler" && acceleration !== "off") {
-      hints.push({ level: "error", text: `sampler ${solver} does not combine with acceleration '${acceleration}': set sampler to euler or acceleration to off` });
-    }
-    if (solver === "adams3" && !fourStep && Number(valueOf(node, "steps")) < 8) {
-      hints.push({ level: "error", text: "sampler adams3 needs at least 8 steps" });
+    if (sampler !== "euler" && acceleration !== "off") {
+      const what = fourStep ? `the ${FOUR_STEP_LORA} path` : `ALP ('${acceleration}')`;
+      hints.push({ level: "error", text: `sampler ${sampler} does not combine with ${what}, which runs only with euler: set sampler to euler or acceleration to off` });
     }
     if (fourStep) {
       const model = node.getInputNode?.(node.findInputSlot("model"));

@@ -204,8 +204,9 @@ def sample_unipc(
 # Step updates for samplers that assemble the velocity themselves (the windowed loop)
 # --------------------------------------------------------------------------------------------------
 
-# Sampler choices of the windowed loop. UniPC is not among them: on the testbed it gains under 1 dB over
-# Euler at 5-10 steps (benchmarks/alp_solvers.py), and its corrector needs the model at the predicted point.
+# Step updates of the windowed reference loop (``loop.sample_flow_windows``, the benchmarks' testbed). The nodes
+# offer ComfyUI's own samplers instead: on the testbed ipndm / deis match or beat Adams from 10 steps on
+# (benchmarks/alp_solvers.py). UniPC is not here: its corrector needs the model at the predicted point.
 STEP_SOLVERS = ("euler", "adams2", "adams3")
 
 # (sigma, sigma_next, velocity at sigma) -> increment of x over the step
@@ -246,23 +247,3 @@ def make_step_update(solver: str, history: StepHistory | None = None) -> StepUpd
         return sum(w * v for w, v in zip(weights, history.velocities))
 
     return adams_update
-
-
-def sample_adams_denoised(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor,
-                          extra_args: dict | None = None, callback: Callable[[dict], None] | None = None,
-                          disable: bool | None = None, order: int = 2) -> torch.Tensor:
-    """Adams-Bashforth of ``order`` in k-diffusion's sampler form: ``model(x, sigma * ones, **extra_args)``
-    returns denoised latents (flow matching: v = (x - denoised) / sigma); ``callback`` sees every step.
-
-    The same update as ``make_step_update(f"adams{order}")``; ``disable`` (a progress bar switch) is unused.
-    """
-    extra_args = {} if extra_args is None else extra_args
-    step_update = make_step_update(f"adams{order}")
-    ones = x.new_ones([x.shape[0]])
-    grid = _sigma_list(sigmas)
-    for i in range(len(grid) - 1):
-        denoised = model(x, sigmas[i] * ones, **extra_args)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        x = x + step_update(grid[i], grid[i + 1], (x - denoised) / grid[i])
-    return x
