@@ -88,6 +88,12 @@ def sampler_name(sampler) -> str:
         "sample_")
 
 
+def needs_comfy_cfg(name: str) -> bool:
+    """ComfyUI's CFG++ samplers (``*_cfg_pp``) read the unguided prediction from a hook of ComfyUI's two-condition
+    CFG, which FlashPortrait's own guidance replaces: run here they would step with a zero in its place."""
+    return name.endswith("_cfg_pp")
+
+
 def schedule_step(sample_sigmas: torch.Tensor, sigma: torch.Tensor) -> int:
     """The step of the schedule being sampled that evaluates at noise level ``sigma``: the index of ``sigma`` in the
     schedule, or for a sampler's intermediate evaluation (Heun, 2S, ...) the step whose interval holds it."""
@@ -198,6 +204,10 @@ class FlashPortraitGuider(comfy.samplers.CFGGuider):
                              f"{self.emotion.num_latent_frames} ({self.emotion.num_video_frames} video frames); "
                              f"use the latent output of FlashPortrait Guider (or a latent made for the same "
                              f"driving video)")
+        if needs_comfy_cfg(sampler_name(sampler)):
+            raise ValueError(f"{sampler_name(sampler)} needs ComfyUI's two-condition CFG (it reads the unguided "
+                             f"prediction from it), which FlashPortrait's guidance replaces with its own passes: "
+                             f"choose the same sampler without _cfg_pp")
         if self.alp is not None and not is_euler(sampler):
             raise ValueError("ALP (acceleration) forecasts the skipped steps of an Euler trajectory, so it runs "
                              "only with the euler sampler: choose euler in KSamplerSelect, or set acceleration "

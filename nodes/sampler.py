@@ -17,7 +17,7 @@ from ..flashportrait_core.sampling.choice import (ACCELERATIONS, EULER, FOUR_STE
 from ..flashportrait_core.sampling.schedules import PUBLISHED, SIMPLE
 from ..flashportrait_core.validation import size_note, window_note
 from . import resume_store, types
-from .guider import build_guider, empty_video_latent, progress_reporter
+from .guider import build_guider, empty_video_latent, needs_comfy_cfg, progress_reporter
 from .loaders import resolve_backend
 from .report_ui import sampler_ui
 
@@ -50,8 +50,10 @@ def available_face_backend() -> FaceBackendChoice | None:
 
 
 def sampler_choices() -> list[str]:
-    """The sampler widget's options: euler first (the default, the published update), then ComfyUI's others."""
-    return [EULER, *(name for name in comfy.samplers.KSampler.SAMPLERS if name != EULER)]
+    """The sampler widget's options: euler first (the default, the published update), then ComfyUI's others that
+    the guider can run (not the CFG++ ones: see ``guider.needs_comfy_cfg``)."""
+    return [EULER, *(name for name in comfy.samplers.KSampler.SAMPLERS
+                     if name != EULER and not needs_comfy_cfg(name))]
 
 
 def step_sampler(name: str) -> comfy.samplers.KSAMPLER:

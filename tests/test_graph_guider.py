@@ -177,6 +177,14 @@ def test_latent_previews_and_progress_reach_a_websocket_client(guider_run):
     assert [e["data"]["value"] for e in progress][-1] == STEPS
 
 
+def test_cfg_pp_samplers_are_refused_with_the_reason(comfy_server, guider_run):
+    prompt = base_prompt()
+    guider("30", prompt)
+    custom_sample("31", prompt, "30", "euler_cfg_pp", schedule("22", prompt))
+    with pytest.raises(comfy_client.ExecutionFailed, match="euler_cfg_pp needs ComfyUI's two-condition CFG"):
+        comfy_client.run_prompt(comfy_server.url, prompt, timeout=600)
+
+
 def test_alp_with_another_sampler_is_refused_with_the_reason(comfy_server, guider_run):
     prompt = base_prompt()
     guider("30", prompt, acceleration="quality")

@@ -199,7 +199,10 @@ def test_sampler_node_offers_euler_then_comfyuis_samplers_and_refuses_what_needs
     import comfy.samplers
 
     options = next(i for i in sampler_node.FlashPortraitSampler.define_schema().inputs if i.id == "sampler").options
-    assert options[0] == "euler" and sorted(options) == sorted(comfy.samplers.KSampler.SAMPLERS)
+    # ComfyUI's CFG++ samplers need its two-condition CFG, which FlashPortrait's guidance replaces.
+    assert options[0] == "euler" and sorted(options) == sorted(
+        name for name in comfy.samplers.KSampler.SAMPLERS if not name.endswith("_cfg_pp"))
+    assert "euler_cfg_pp" in comfy.samplers.KSampler.SAMPLERS and "euler_cfg_pp" not in options
     assert "adams2" not in options and "adams3" not in options
     validate = sampler_node.FlashPortraitSampler.validate_inputs
     assert validate(acceleration="off", sampler="ipndm") is True
