@@ -57,22 +57,51 @@ class FlashPortraitModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, wan_model: str, flashportrait_weights: str, weight_dtype: str) -> io.NodeOutput:
-        wan_path = checkpoint_file("diffusion_models", wan_model)
-        fp_path = checkpoint_file(WEIGHTS_FOLDER, flashportrait_weights)
-        merged, projections = merge_flashportrait_dit(load_state_dict(wan_path), load_state_dict(fp_path),
-                                                      wan_name=wan_model, flashportrait_name=flashportrait_weights)
-        model = comfy.sd.load_diffusion_model_state_dict(merged, model_options=dict(_WEIGHT_DTYPES[weight_dtype]))
-        if model is None:
-            raise CheckpointError(f"ComfyUI did not recognise {wan_model} as a diffusion model; select the "
-                                  f"Wan 2.1 I2V 14B model")
-        diffusion_model = model.model.diffusion_model
-        if type(model.model).__name__ != "WAN21" or getattr(diffusion_model, "img_emb", None) is None:
-            raise CheckpointError(f"{wan_model} loaded as {type(model.model).__name__}, not Wan 2.1 "
-                                  f"image-to-video; select the Wan 2.1 I2V 14B model")
-        attach_emotion_projections(diffusion_model, projections)
-        model.size = 0  # the attached projections count toward the model's memory from now on
-        patch_emotion_blocks(model)
-        return io.NodeOutput(model)
+        source = ModelSource(wan_path=checkpoint_file("diffusion_models", wan_model),
+                             flashportrait_path=checkpoint_file(WEIGHTS_FOLDER, flashportrait_weights),
+                             weight_dtype=weight_dtype, wan_name=wan_model, flashportrait_name=flashportrait_weights)
+        return io.NodeOutput(load_flashportrait_model(source))
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """The files and storage type a FlashPortrait MODEL was loaded from, so that device workers (window-parallel
+    sampling) load the very same weights in their own processes."""
+
+    wan_path: str
+    flashportrait_path: str
+    weight_dtype: str
+    wan_name: str
+    flashportrait_name: str
+
+
+SOURCE_ATTRIBUTE = "flashportrait_source"  # on the ModelPatcher's BaseModel, which LoRA clones share
+
+
+def load_flashportrait_model(source: ModelSource):
+    """A ModelPatcher of Wan 2.1 I2V with the FlashPortrait weights, emotion projections and block probes."""
+    merged, projections = merge_flashportrait_dit(load_state_dict(source.wan_path),
+                                                  load_state_dict(source.flashportrait_path),
+                                                  wan_name=source.wan_name,
+                                                  flashportrait_name=source.flashportrait_name)
+    model = comfy.sd.load_diffusion_model_state_dict(merged, model_options=dict(_WEIGHT_DTYPES[source.weight_dtype]))
+    if model is None:
+        raise CheckpointError(f"ComfyUI did not recognise {source.wan_name} as a diffusion model; select the "
+                              f"Wan 2.1 I2V 14B model")
+    diffusion_model = model.model.diffusion_model
+    if type(model.model).__name__ != "WAN21" or getattr(diffusion_model, "img_emb", None) is None:
+        raise CheckpointError(f"{source.wan_name} loaded as {type(model.model).__name__}, not Wan 2.1 "
+                              f"image-to-video; select the Wan 2.1 I2V 14B model")
+    attach_emotion_projections(diffusion_model, projections)
+    model.size = 0  # the attached projections count toward the model's memory from now on
+    patch_emotion_blocks(model)
+    setattr(model.model, SOURCE_ATTRIBUTE, source)
+    return model
+
+
+def model_source(model_patcher) -> ModelSource | None:
+    """Where a MODEL from FlashPortrait Model Loader came from; None for a model loaded otherwise."""
+    return getattr(getattr(model_patcher, "model", None), SOURCE_ATTRIBUTE, None)
 
 
 class FlashPortraitPortraitEncoderLoader(io.ComfyNode):
