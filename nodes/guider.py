@@ -324,15 +324,18 @@ class FlashPortraitGuider(comfy.samplers.CFGGuider):
         pool, plan = self._pool, self._plan
         pool.ensure_model(model_source(self.model_patcher))
         owners = window_owners(len(plan.windows), len(pool.workers))
-        tokens = [self.emotion.window_tokens(start, end, device=self.model_patcher.load_device).unsqueeze(0).cpu()
-                  for start, end in plan.windows]
+
+        def window_tokens(k: int) -> torch.Tensor:  # encoded as the one-device path does, on the model's device
+            start, end = plan.windows[k]
+            return self.emotion.window_tokens(start, end, device=self.model_patcher.load_device).unsqueeze(0).cpu()
+
         window_shape = (*noise.shape[:2], plan.window_length, *noise.shape[3:])
         setup = {"plan": plan, "window_shape": window_shape, "dtype": noise.dtype, "seed": seed,
                  "conds": self.conds, "concat": self._concat, "sigmas": self._sigmas, "sample_sigmas": sigmas,
                  "alp": self.alp, "blocks": self._blocks, "guidance": self._guidance()}
-        patches = self.model_patcher.patches
-        self._job = pool.start_job(setup, tokens, owners, patches, self.model_patcher.patches_uuid if patches
-                                   else None)
+        patches = self.model_patcher.patches  # LoRAs: weight patches the workers apply to their own copy
+        self._job = pool.start_job(setup, window_tokens, owners, patches,
+                                   self.model_patcher.patches_uuid if patches else None)
 
     def _guidance(self) -> Guidance:
         return Guidance(self.passes, self.emotion.emo_cfg, self.emotion.text_cfg, self.emotion.ip_scale)

@@ -35,7 +35,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -400,25 +400,35 @@ class WorkerPool:
         self._request_all({"op": "load", "source": source}, f"loading {source.wan_name}")
         self.model_key = key
 
-    def start_job(self, setup: dict, tokens: list[torch.Tensor], owners: list[int], patches: dict,
-                  patches_uuid: Any) -> "PoolJob":
-        """Send each worker the run's settings and its windows' tokens; ``owners[k]`` is window k's worker index."""
+    def start_job(self, setup: dict, window_tokens: Callable[[int], torch.Tensor], owners: list[int],
+                  patches: dict, patches_uuid: Any) -> "PoolJob":
+        """Send each worker the run's settings and its own windows' tokens (``window_tokens(k)``, made one worker
+        at a time so that this process never holds the tokens of the whole video); ``owners[k]`` is window k's
+        worker index."""
         self._job_counter += 1
         job_id = self._job_counter
-        messages = []
+        moved_before = self._bytes_moved()
         for index, worker in enumerate(self.workers):
-            mine = {k: tokens[k] for k, owner in enumerate(owners) if owner == index}
-            message = dict(setup, op="job", job=job_id, tokens=mine, patches_uuid=patches_uuid)
+            message = dict(setup, op="job", job=job_id, patches_uuid=patches_uuid,
+                           tokens={k: window_tokens(k) for k, owner in enumerate(owners) if owner == index})
             if self.patches_sent[index] != patches_uuid:  # a LoRA's patches travel once, not with every run
                 message["patches"] = patches
-            messages.append(message)
-        answers = self._request_all(messages, "preparing the run")
+            self._send(worker, message, "preparing the run")
+            del message
+        waiting = {worker.rank for worker in self.workers}
+        while waiting:
+            rank, _ = self._next_reply(waiting, "preparing the run")
+            waiting.discard(rank)
         for index in range(len(self.workers)):
             self.patches_sent[index] = patches_uuid
         self.last_job = JobStats(job=job_id, per_worker={worker.label: 0 for worker in self.workers})
         for worker in self.workers:
             worker.windows_evaluated = 0
-        return PoolJob(self, job_id, owners, answers)
+        return PoolJob(self, job_id, owners, moved_before)
+
+    def _bytes_moved(self) -> tuple[int, int]:
+        return (sum(w.channel.bytes_sent for w in self.workers if w.channel),
+                sum(w.channel.bytes_received for w in self.workers if w.channel))
 
     def status(self) -> dict:
         return {"devices": list(self.device_set.devices), "labels": self.labels, "alive": self.alive(),
@@ -433,8 +443,9 @@ class WorkerPool:
 class PoolJob:
     """One sampling run on the pool: the windows of each step evaluated on their workers."""
 
-    def __init__(self, pool: WorkerPool, job_id: int, owners: list[int], answers: dict):
+    def __init__(self, pool: WorkerPool, job_id: int, owners: list[int], moved_before: tuple[int, int]):
         self.pool, self.job_id, self.owners = pool, job_id, owners
+        self.moved_before = moved_before  # the pool's byte counts before this run's setup was sent
         self.model_passes: dict[int, int] = {}
 
     def evaluate_step(self, x: torch.Tensor, plan, step: int, timestep: torch.Tensor, first_window: int = 0,
@@ -497,8 +508,9 @@ class PoolJob:
                 raise comfy.model_management.InterruptProcessingException()
         finally:
             self._drain(in_flight)
-            pool.last_job.bytes_sent = sum(w.channel.bytes_sent for w in pool.workers if w.channel)
-            pool.last_job.bytes_received = sum(w.channel.bytes_received for w in pool.workers if w.channel)
+            sent, received = pool._bytes_moved()
+            pool.last_job.bytes_sent = sent - self.moved_before[0]  # this run's: setup, windows, predictions
+            pool.last_job.bytes_received = received - self.moved_before[1]
 
     def _drain(self, in_flight: dict[int, int]) -> None:
         """Wait out replies still in flight (the caller stopped early), so the next run starts in step."""
