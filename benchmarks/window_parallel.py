@@ -3,7 +3,7 @@ to expect at 720p on several GPUs, computed from the per-window cost and the tra
 
     .venv/bin/python benchmarks/window_parallel.py measure [--repeats 3] [--steps 8] [--max-side 128]
     .venv/bin/python benchmarks/window_parallel.py transfer [--megabytes 47]
-    .venv/bin/python benchmarks/window_parallel.py table [--tflops 400] [--gbps 1.0]
+    .venv/bin/python benchmarks/window_parallel.py table [--tflops 400] [--gbps 0.6]
 
 measure: one ComfyUI server; the sampler node in ComfyUI's own process and on FlashPortrait Devices ``cpu x2``
 (threads 1 and 2 per worker), interleaved, a new seed per repeat (ComfyUI would otherwise reuse the cached
@@ -50,11 +50,18 @@ def measure(args: argparse.Namespace) -> None:
     write_tiny_models(models_dir)
     comfy_dir = host.provision(log=lambda message: None)
     kinds = {"one process": None, "cpu x2, 1 thread each": ("cpu x2", 1), "cpu x2, 2 threads each": ("cpu x2", 2)}
+    kinds = {name: spec for name, spec in kinds.items() if spec is None or spec[1] in args.worker_threads}
+    env = None
+    if args.server_threads:  # ComfyUI's own process (and the one-process sampling) with this many torch threads
+        import os
+
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.server_threads), MKL_NUM_THREADS=str(args.server_threads))
     times: dict[str, list[float]] = {kind: [] for kind in kinds}
     moved: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
-        with host.start_server(models_dir, work / "in", work / "out", work / "tmp", comfyui_dir=comfy_dir) as server:
+        with host.start_server(models_dir, work / "in", work / "out", work / "tmp", comfyui_dir=comfy_dir,
+                               env=env) as server:
             for path in (REFERENCE, DRIVING):
                 shutil.copy(path, server.input_dir / path.name)
             windows = None
@@ -83,7 +90,8 @@ def measure(args: argparse.Namespace) -> None:
                     print(f"repeat {repeat} {kind}: denoising {match.group(4)} s", file=sys.stderr)
     base = statistics.median(times["one process"])
     print(f"{args.frames} driving frames, {windows} windows of {args.window} (overlap {args.overlap}), "
-          f"{args.steps} steps, {args.max_side} px, tiny models; medians of {args.repeats} repeats\n")
+          f"{args.steps} steps, {args.max_side} px, tiny models; ComfyUI's process with "
+          f"{args.server_threads or 'default'} torch threads; medians of {args.repeats} repeats\n")
     print("| sampling | denoising s, repeats | median s | speed-up | MB moved per run |")
     print("|---|---|---|---|---|")
     for kind, values in times.items():
@@ -169,7 +177,7 @@ def table(args: argparse.Namespace) -> None:
     passes = len(guidance_passes(4.0, 1.0))  # the published emo_cfg 4, text_cfg 1: posi and no_emo
     gbps = args.gbps * 1e9
     print(f"Assumed: {args.tflops:g} TFLOP/s sustained per GPU (bf16), {args.gbps:g} GB/s between the coordinator "
-          f"and each worker (measured loopback gloo on the CPU machine: see the transfer command), "
+          f"and each worker (the transfer command measures it), "
           f"{passes} guidance passes per window step (published emo_cfg 4, text_cfg 1), windows 51 / 30.\n")
     print("| output | latent frames | windows | window step (compute) | moved per window step | workers | "
           "windows per worker and step | expected speed-up | transfer share |")
@@ -213,13 +221,17 @@ def main() -> None:
     run.add_argument("--window", type=int, default=3)
     run.add_argument("--overlap", type=int, default=1)
     run.add_argument("--max-side", type=int, default=128)
+    run.add_argument("--server-threads", type=int, default=0,
+                     help="torch threads of ComfyUI's process (OMP_NUM_THREADS); 0: torch's default")
+    run.add_argument("--worker-threads", type=int, nargs="+", default=[1, 2], help="threads per CPU worker to run")
     moved = commands.add_parser("transfer")
     moved.add_argument("--megabytes", type=float, default=47.0, help="one 51-frame window at 1280x720: 47 MB")
     moved.add_argument("--rounds", type=int, default=6)
     computed = commands.add_parser("table")
     computed.add_argument("--tflops", type=float, default=400.0,
                           help="sustained bf16 TFLOP/s of one GPU (H100 dense peak: 989; ~40%% is typical)")
-    computed.add_argument("--gbps", type=float, default=1.0, help="GB/s between the coordinator and a worker")
+    computed.add_argument("--gbps", type=float, default=0.6,
+                          help="GB/s between the coordinator and a worker (0.6: the transfer command, CPU machine)")
     args = parser.parse_args()
     {"measure": measure, "transfer": transfer, "table": table}[args.command](args)
 

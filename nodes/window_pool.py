@@ -26,6 +26,7 @@ import logging
 import os
 import pickle
 import queue
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -193,7 +194,7 @@ class JobStats:
 
 
 def worker_environment(device: str) -> dict[str, str]:
-    """The worker's environment: a CUDA worker sees only its GPU (as cuda:0); the pack and ComfyUI importable."""
+    """The worker's environment: ComfyUI's, except that a CUDA worker sees only its own GPU (as cuda:0)."""
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
     if device.startswith("cuda:"):
@@ -328,6 +329,7 @@ class WorkerPool:
                 worker.thread.join(5.0)
         self._group = None
         self._store = None
+        shutil.rmtree(self.log_dir, ignore_errors=True)  # a failure's log tail is already in its message
         try:
             atexit.unregister(self.close)
         except Exception:

@@ -294,6 +294,29 @@ def test_device_lists_that_are_no_devices_are_refused_before_anything_runs(comfy
         comfy_client.queue_prompt(comfy_server.url, prompt)
 
 
+def test_one_device_samples_in_comfyuis_own_process(comfy_server, two_workers):
+    _, latents, _ = two_workers
+    before = status(comfy_server.url)
+    prompt = base_prompt()
+    del prompt["10"]
+    sampler_on(prompt, "11", devices(prompt, "62", "cpu"))
+    save(prompt, "11", "one_device")
+    comfy_client.run_prompt(comfy_server.url, prompt, timeout=600)
+    assert torch.equal(latents_of(comfy_server)["one_device"], latents["single"])
+    after = status(comfy_server.url)
+    assert after.get("last_job", {}).get("job") == before.get("last_job", {}).get("job")  # no worker ran
+
+
+def test_resume_with_several_devices_is_refused_with_the_reason(comfy_server, two_workers):
+    prompt = base_prompt()
+    del prompt["10"]
+    sampler_on(prompt, "11", devices(prompt, "60", "cpu x2"), resume="every step")
+    save(prompt, "11", "resume_refused")
+    with pytest.raises(comfy_client.ExecutionFailed, match="resume checkpoints are not written when sampling on "
+                                                           "several devices"):
+        comfy_client.run_prompt(comfy_server.url, prompt, timeout=600)
+
+
 def test_workers_are_gone_after_comfyui_exits(comfyui_dir, tiny_models_dir, tmp_path):
     """Its own server: stopped as a user stops ComfyUI (Ctrl+C), and one killed outright (no exit handlers)."""
     for how in ("interrupt", "kill"):
