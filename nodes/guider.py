@@ -235,6 +235,12 @@ class FlashPortraitGuider(comfy.samplers.CFGGuider):
         if self.resume.enabled:
             raise ValueError(f"resume checkpoints are not written when sampling on several devices ({names}); "
                              f"set resume to off, or use one device")
+        for name, entries in self.original_conds.items():
+            for entry in entries:
+                carried = [key for key in ("control", "gligen", "hooks") if entry.get(key) is not None]
+                if carried:
+                    raise ValueError(f"the {name} conditioning carries {', '.join(carried)}, which the device "
+                                     f"workers ({names}) do not receive; remove it, or use one device")
 
     def _start_run(self, noise: torch.Tensor, latent_image: torch.Tensor, sampler, sigmas: torch.Tensor,
                    seed: int | None) -> None:
