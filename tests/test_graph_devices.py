@@ -294,6 +294,17 @@ def test_device_lists_that_are_no_devices_are_refused_before_anything_runs(comfy
         comfy_client.queue_prompt(comfy_server.url, prompt)
 
 
+def test_gpus_this_machine_lacks_are_named_in_the_error(comfy_server, media):
+    # The server runs this torch build on this machine: it sees as many CUDA devices as this process.
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    prompt = base_prompt()
+    del prompt["10"]
+    sampler_on(prompt, "11", devices(prompt, "63", f"cuda:0,{count}"))
+    save(prompt, "11", "no_gpu")
+    with pytest.raises(comfy_client.ExecutionFailed, match=f"cuda:{count} not found; this machine has"):
+        comfy_client.run_prompt(comfy_server.url, prompt, timeout=600)
+
+
 def test_one_device_samples_in_comfyuis_own_process(comfy_server, two_workers):
     _, latents, _ = two_workers
     before = status(comfy_server.url)
