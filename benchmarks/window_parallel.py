@@ -19,7 +19,6 @@ attention), at an assumed sustained throughput, against the bytes a window step 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import shutil
@@ -102,10 +101,10 @@ def measure(args: argparse.Namespace) -> None:
 
 # -- transfer: the pool's Channel between two processes ----------------------------------------------------------
 
-def _peer(port: int, megabytes: float, rounds: int) -> None:
+def _peer(port: int, rounds: int) -> None:
+    """The second process: sends every window it receives straight back, as a worker's prediction."""
     import datetime
 
-    import torch
     import torch.distributed as dist
 
     sys.path.insert(0, str(REPO_ROOT / "tests"))
@@ -117,7 +116,6 @@ def _peer(port: int, megabytes: float, rounds: int) -> None:
     for _ in range(rounds):
         message = channel.receive()
         channel.send({"op": "result", "prediction": message["x"]})
-    del torch
 
 
 def transfer(args: argparse.Namespace) -> None:
@@ -133,7 +131,7 @@ def transfer(args: argparse.Namespace) -> None:
     pool = import_pack().nodes.window_pool
     store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=60))
-    peer = multiprocessing.get_context("spawn").Process(target=_peer, args=(store.port, args.megabytes, args.rounds))
+    peer = multiprocessing.get_context("spawn").Process(target=_peer, args=(store.port, args.rounds))
     peer.start()
     channel = pool.Channel(dist.ProcessGroupGloo(store, 0, 2, pool.GLOO_TIMEOUT), 1, 1, 2)
     x = torch.randn(int(args.megabytes * 1e6 / 4))
