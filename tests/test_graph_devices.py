@@ -299,9 +299,10 @@ def test_gpus_this_machine_lacks_are_named_in_the_error(comfy_server, media):
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     prompt = base_prompt()
     del prompt["10"]
-    sampler_on(prompt, "11", devices(prompt, "63", f"cuda:0,{count}"))
+    sampler_on(prompt, "11", devices(prompt, "63", f"cuda:{count},{count + 1}"))
     save(prompt, "11", "no_gpu")
-    with pytest.raises(comfy_client.ExecutionFailed, match=f"cuda:{count} not found; this machine has"):
+    with pytest.raises(comfy_client.ExecutionFailed,
+                       match=f"cuda:{count}, cuda:{count + 1} not found; this machine has"):
         comfy_client.run_prompt(comfy_server.url, prompt, timeout=600)
 
 
