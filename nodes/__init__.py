@@ -7,6 +7,7 @@ from typing_extensions import override
 from .conditioning import (FlashPortraitEmotionConditioning, FlashPortraitLoadConditioning,
                            FlashPortraitSaveConditioning)
 from .decode import FlashPortraitDecodeToVideo
+from .devices import FlashPortraitDevices
 from .evaluate import FlashPortraitEvaluate
 from .expression_edit import (FlashPortraitCombineExpressions, FlashPortraitEditExpressions,
                               FlashPortraitRetimeExpressions)
@@ -45,6 +46,7 @@ class FlashPortraitExtension(ComfyExtension):
             FlashPortraitWindows,
             FlashPortraitSampler,
             FlashPortraitGuiderNode,
+            FlashPortraitDevices,
             FlashPortraitSchedule,
             FlashPortraitDecodeToVideo,
             FlashPortraitSaveConditioning,

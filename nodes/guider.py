@@ -24,17 +24,19 @@ import comfy.samplers
 import torch
 
 from ..flashportrait_core.conditioning.emotion_conditioning import EmotionConditioning
-from ..flashportrait_core.sampling.alp import (ALPConfig, ALPWindowState, alp_step, block_change_magnitudes,
-                                               new_window_state, report_lines)
-from ..flashportrait_core.sampling.guidance import PASSES, combine_guidance, guidance_passes
-from ..flashportrait_core.sampling.loop import blend_windows
-from ..flashportrait_core.sampling.resume import move_window_state
+from ..flashportrait_core.sampling.alp import ALPConfig, ALPWindowState, new_window_state, report_lines
+from ..flashportrait_core.sampling.devices import window_owners
+from ..flashportrait_core.sampling.guidance import guidance_passes
+from ..flashportrait_core.sampling.loop import blend_in_window_order, blend_windows
+from ..flashportrait_core.sampling.resume import restore_window_state
 from ..flashportrait_core.sampling.windows import WindowPlan, blend_weights, plan_windows
 from ..flashportrait_core.validation import check_sampler_inputs
+from .loaders import model_source
 from .resume_store import ResumePolicy, ResumeSession, is_euler
-from .wan_patch import BLOCK_PROBE_KEY, EMOTION_OPTIONS_KEY, BlockProbe, EmotionPass
 from .wan_runner import (SamplingOutOfMemory, generation_size, latent_storage_device, out_of_memory_message,
                          portrait_encoder_on, reference_condition)
+from .window_eval import Guidance, WindowEvaluator, window_conds
+from .window_pool import DeviceSet, pool_for
 
 # Conditioning keys the guider sets itself for every window: an upstream image-to-video node's would describe the
 # whole video, not a window.
@@ -137,7 +139,8 @@ class FlashPortraitGuider(comfy.samplers.CFGGuider):
 
     def __init__(self, model_patcher, vae, reference_image: torch.Tensor, clip_vision_output,
                  emotion: EmotionConditioning, window_length: int, window_overlap: int,
-                 alp: ALPConfig | None = None, resume: ResumePolicy | None = None):
+                 alp: ALPConfig | None = None, resume: ResumePolicy | None = None,
+                 devices: DeviceSet | None = None):
         super().__init__(model_patcher)
         self.vae = vae
         self.reference_image = reference_image
@@ -153,6 +156,11 @@ class FlashPortraitGuider(comfy.samplers.CFGGuider):
         self.on_window_done = None  # optional callable(step, steps, window, windows) for progress
         self.report_node_id: str | None = None  # a FlashPortrait Guider node that shows the report after a run
         self._reference_cache: dict = {}
+        # Several devices: the windows are evaluated by device workers (window_pool); one device: here, as before.
+        self.devices = devices if devices is not None and devices.parallel else None
+        self._pool = None
+        self._job = None
+        self._evaluator: WindowEvaluator | None = None
 
     def set_conds(self, positive: list, negative: list) -> None:
         positive, notes = window_conditioning(positive, self.clip_vision_output)
@@ -170,6 +178,7 @@ class FlashPortraitGuider(comfy.samplers.CFGGuider):
                seed=None):
         started = time.perf_counter()
         self._refuse_unusable(latent_image, sampler)
+        self._pool = pool_for(self.devices) if self.devices is not None else None  # (re)started when needed
         self._start_run(noise, latent_image, sampler, sigmas, seed)
         sampler, callback = self._session.resumed_sampler(sampler, callback)
         out_of_memory = None
@@ -212,6 +221,8 @@ class FlashPortraitGuider(comfy.samplers.CFGGuider):
             raise ValueError("ALP (acceleration) forecasts the skipped steps of an Euler trajectory, so it runs "
                              "only with the euler sampler: choose euler in KSamplerSelect, or set acceleration "
                              "to off to use another sampler")
+        if self.devices is not None:
+            self._refuse_unusable_on_devices()
         cache = self.model_options.get("transformer_options", {}).get("easycache")
         if cache is not None:
             raise ValueError(f"{type(cache).__name__} (EasyCache / LazyCache node) cannot apply to FlashPortrait's "
@@ -219,6 +230,27 @@ class FlashPortraitGuider(comfy.samplers.CFGGuider):
                              f"but every window evaluates the same conditions, so it would reuse another window's "
                              f"residual. Remove it and use the acceleration setting (ALP), which forecasts each "
                              f"window separately")
+
+    def _refuse_unusable_on_devices(self) -> None:
+        """What the device workers cannot reproduce, refused before anything starts."""
+        names = ", ".join(self.devices.devices)
+        if model_source(self.model_patcher) is None:
+            raise ValueError(f"sampling on several devices ({names}) needs the MODEL from FlashPortrait Model "
+                             f"Loader: every device worker loads the same files itself")
+        unsupported = model_option_summary(self.model_patcher) - model_option_summary(None)
+        if unsupported:
+            raise ValueError(f"the MODEL carries patches the device workers ({names}) cannot reproduce: "
+                             f"{', '.join(sorted(unsupported))}. LoRAs (weight patches) are sent to the workers; "
+                             f"other model patches need one device")
+        if self.resume.enabled:
+            raise ValueError(f"resume checkpoints are not written when sampling on several devices ({names}); "
+                             f"set resume to off, or use one device")
+        for name, entries in self.original_conds.items():
+            for entry in entries:
+                carried = [key for key in ("control", "gligen", "hooks") if entry.get(key) is not None]
+                if carried:
+                    raise ValueError(f"the {name} conditioning carries {', '.join(carried)}, which the device "
+                                     f"workers ({names}) do not receive; remove it, or use one device")
 
     def _start_run(self, noise: torch.Tensor, latent_image: torch.Tensor, sampler, sigmas: torch.Tensor,
                    seed: int | None) -> None:
@@ -255,6 +287,9 @@ class FlashPortraitGuider(comfy.samplers.CFGGuider):
         # accelerator and there are several windows), so the accelerator holds one window's latents at a time.
         window_shape = list(noise.shape)
         window_shape[2] = self._plan.window_length
+        if self._pool is not None:
+            return self._outer_sample_on_devices(noise, latent_image, sampler, sigmas, denoise_mask, callback,
+                                                 disable_pbar, seed, latent_shapes)
         self.inner_model, self.conds, self.loaded_models = comfy.sampler_helpers.prepare_sampling(
             self.model_patcher, window_shape, self.conds, self.model_options)
         device = self.model_patcher.load_device
@@ -272,24 +307,64 @@ class FlashPortraitGuider(comfy.samplers.CFGGuider):
             output = self.inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
                                        disable_pbar, seed, latent_shapes=latent_shapes)
         finally:
+            self._evaluator = None
             self.model_patcher.cleanup()
         comfy.sampler_helpers.cleanup_models(self.conds, self.loaded_models)
         del self.inner_model
         del self.loaded_models
         return output
 
+    def _outer_sample_on_devices(self, noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar,
+                                 seed, latent_shapes):
+        """The coordinator's sampling: ComfyUI's sampler runs here, the windows on the workers. The model is not
+        loaded onto a device in this process; the sampler needs only its noise schedule and latent format."""
+        self.inner_model, self.loaded_models = self.model_patcher.model, []
+        storage = torch.device("cpu")
+        if denoise_mask is not None:
+            denoise_mask = comfy.sampler_helpers.prepare_mask(denoise_mask, noise.shape, storage)
+        noise, latent_image = noise.to(storage), latent_image.to(storage)
+        sigmas = sigmas.to(storage, copy=True)
+        try:
+            output = self.inner_sample(noise, latent_image, storage, sampler, sigmas, denoise_mask, callback,
+                                       disable_pbar, seed, latent_shapes=latent_shapes)
+        finally:
+            job, self._job = self._job, None
+            if job is not None and self._pool.alive():
+                job.finish()
+        del self.inner_model
+        del self.loaded_models
+        return output
+
+    def _start_job(self, noise: torch.Tensor, sigmas: torch.Tensor, seed: int | None) -> None:
+        """Send the workers what the run needs once: the model's files, the conditioning, each window's tokens."""
+        pool, plan = self._pool, self._plan
+        pool.ensure_model(model_source(self.model_patcher))
+        owners = window_owners(len(plan.windows), len(pool.workers))
+
+        def window_tokens(k: int) -> torch.Tensor:  # encoded as the one-device path does, on the model's device
+            start, end = plan.windows[k]
+            return self.emotion.window_tokens(start, end, device=self.model_patcher.load_device).unsqueeze(0).cpu()
+
+        window_shape = (*noise.shape[:2], plan.window_length, *noise.shape[3:])
+        setup = {"plan": plan, "window_shape": window_shape, "dtype": noise.dtype, "seed": seed,
+                 "conds": self.conds, "concat": self._concat, "sigmas": self._sigmas, "sample_sigmas": sigmas,
+                 "alp": self.alp, "blocks": self._blocks, "guidance": self._guidance()}
+        patches = self.model_patcher.patches  # LoRAs: weight patches the workers apply to their own copy
+        self._job = pool.start_job(setup, window_tokens, owners, patches,
+                                   self.model_patcher.patches_uuid if patches else None)
+
+    def _guidance(self) -> Guidance:
+        return Guidance(self.passes, self.emotion.emo_cfg, self.emotion.text_cfg, self.emotion.ip_scale)
+
     def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar,
                      seed, latent_shapes=None):
-        # The model's conditions are made for one window: every window has the same image-to-video condition,
-        # which made for the whole video would be a zero tensor as long as the video on the accelerator.
-        window_noise = torch.zeros((*noise.shape[:2], self._plan.window_length, *noise.shape[3:]),
-                                   dtype=noise.dtype, device=device)
-        concat_latent, concat_mask = self._concat
-        for name in ("positive", "negative"):
-            self.conds[name] = [dict(entry, concat_latent_image=concat_latent, concat_mask=concat_mask)
-                                for entry in self.conds[name]]
-        self.conds = comfy.samplers.process_conds(self.inner_model, window_noise, self.conds, device, seed=seed)
-        del window_noise
+        window_shape = (*noise.shape[:2], self._plan.window_length, *noise.shape[3:])
+        if self._pool is not None:
+            self._start_job(noise, sigmas, seed)
+        else:
+            self.conds = window_conds(self.inner_model, self.conds, self._concat, window_shape, noise.dtype,
+                                      device, seed)
+            self._evaluator = self._window_evaluator(device)
         if latent_image is not None and torch.count_nonzero(latent_image) > 0:
             latent_image = self.inner_model.process_latent_in(latent_image)
         model_options = comfy.model_patcher.create_model_options_clone(self.model_options)
@@ -301,68 +376,52 @@ class FlashPortraitGuider(comfy.samplers.CFGGuider):
         self._denoise_started = time.perf_counter()
         samples = executor.execute(self, sigmas, extra_args, callback, noise, latent_image, denoise_mask,
                                    disable_pbar)
+        if self._job is not None and self.alp is not None:  # the report reads the windows' ALP states
+            for k, saved in self._job.window_states().items():
+                restore_window_state(self._states[k], saved)
         return self.inner_model.process_latent_out(samples.to(torch.float32))
+
+    def _window_evaluator(self, device: torch.device) -> WindowEvaluator:
+        plan, emotion = self._plan, self.emotion
+
+        def tokens(k: int, target: torch.device) -> torch.Tensor:
+            start, end = plan.windows[k]
+            return emotion.window_tokens(start, end, device=target).unsqueeze(0)
+
+        return WindowEvaluator(self.inner_model, self.conds, self._guidance(), tokens, plan, self._sigmas,
+                               self.alp, self._blocks, self.model_patcher.load_device, self._states,
+                               self._previous_outputs, self.report.model_passes)
 
     # -- one evaluation of the whole video -----------------------------------------------------------------
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         step = schedule_step(model_options["transformer_options"]["sample_sigmas"], timestep[:1])
         first_window, blended = self._session.before_step(step, x)
-        device = self.model_patcher.load_device
         windows = len(self._plan.windows)
+        weights = blend_weights(self._plan, crossfade=step > 0)
 
-        def predict(k: int, window_x: torch.Tensor) -> torch.Tensor:
-            denoised = self._window_prediction(k, window_x, timestep.to(window_x.device), model_options, step)
+        def window_done(k: int) -> None:
             if self.on_window_done is not None:
                 self.on_window_done(step, self.report.steps, k, windows)
+
+        def after_window(k: int, partial: torch.Tensor) -> None:
+            if self._job is not None:
+                self.report.model_passes[k] = self._job.model_passes[k]
+                window_done(k)
+            self._session.after_window(step, k, x, partial)
+
+        if self._job is not None:
+            predictions = self._job.evaluate_step(x, self._plan, step, timestep, first_window)
+            return blend_in_window_order(x, self._plan, predictions, weights, first_window=first_window,
+                                         blended=blended, after_window=after_window)
+
+        def predict(k: int, window_x: torch.Tensor) -> torch.Tensor:
+            denoised = self._evaluator.predict(k, window_x, timestep.to(window_x.device), model_options, step)
+            window_done(k)
             return denoised
 
-        return blend_windows(x, self._plan, predict, blend_weights(self._plan, crossfade=step > 0),
-                             compute_device=device, first_window=first_window, blended=blended,
-                             after_window=lambda k, partial: self._session.after_window(step, k, x, partial))
-
-    def _window_prediction(self, k: int, x: torch.Tensor, timestep: torch.Tensor, model_options: dict,
-                           step: int) -> torch.Tensor:
-        if self.alp is None:
-            return self.guided_window(k, x, timestep, model_options)
-        state = self._states[k]
-        move_window_state(state, x.device)  # from the storage device, or a restored checkpoint
-        probe = BlockProbe(self._blocks)
-
-        def guided_velocity(latents: torch.Tensor, sigma: float) -> torch.Tensor:
-            denoised = self.guided_window(k, latents, timestep, model_options, probe)
-            return (latents - denoised) / timestep.reshape(-1, *([1] * (latents.ndim - 1))).to(latents)
-
-        def block_changes() -> list[float] | None:
-            current = [probe.outputs[i] for i in self._blocks if i in probe.outputs]
-            previous, self._previous_outputs[k] = self._previous_outputs[k], current
-            if previous is None or len(current) < 2 or len(previous) != len(current):
-                return None
-            return block_change_magnitudes(previous, current)
-
-        x_next, _ = alp_step(state, x, step, guided_velocity, block_changes)
-        move_window_state(state, latent_storage_device(self.model_patcher.load_device, self._plan))
-        sigma, sigma_next = float(self._sigmas[step]), float(self._sigmas[step + 1])
-        velocity = (x_next - x) / (sigma_next - sigma)  # the velocity that moves the window where ALP put it
-        return x - sigma * velocity
-
-    def guided_window(self, k: int, x: torch.Tensor, timestep: torch.Tensor, model_options: dict,
-                      probe: BlockProbe | None = None) -> torch.Tensor:
-        """The published guidance passes of window ``k`` at one noise level, combined (denoised latents)."""
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        start, end = self._plan.windows[k]
-        tokens = self.emotion.window_tokens(start, end, device=x.device).unsqueeze(0)
-        options = dict(model_options)
-        transformer_options = dict(options.get("transformer_options", {}))
-        ip_scales = tuple(self.emotion.ip_scale if PASSES[name].emotion else 0.0 for name in self.passes)
-        transformer_options[EMOTION_OPTIONS_KEY] = EmotionPass(tokens, ip_scales)
-        if probe is not None:
-            transformer_options[BLOCK_PROBE_KEY] = probe
-        options["transformer_options"] = transformer_options
-        conds = [self.conds["negative" if PASSES[name].negative_prompt else "positive"] for name in self.passes]
-        outputs = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, options)
-        self.report.model_passes[k] += len(self.passes)
-        return combine_guidance(dict(zip(self.passes, outputs)), self.emotion.emo_cfg, self.emotion.text_cfg)
+        return blend_windows(x, self._plan, predict, weights, compute_device=self.model_patcher.load_device,
+                             first_window=first_window, blended=blended, after_window=after_window)
 
     # -- state the resume checkpoints carry ------------------------------------------------------------------
 
@@ -375,6 +434,23 @@ class FlashPortraitGuider(comfy.samplers.CFGGuider):
         self._previous_outputs = list(saved["previous_block_outputs"])
 
 
+def model_option_summary(model_patcher) -> set[str]:
+    """The model patches of a MODEL beyond its weights, by name: what device workers, which load the model from
+    its files, would not have. ``None``: what FlashPortrait Model Loader's own MODEL carries (its block probes)."""
+    if model_patcher is None:
+        return {"transformer_options.patches_replace.dit"}
+    names = {f"object patch {name}" for name in model_patcher.object_patches}
+    for key, value in model_patcher.model_options.items():
+        if key != "transformer_options" and value:
+            names.add(key)
+    for key, value in model_patcher.model_options.get("transformer_options", {}).items():
+        if key == "patches_replace":
+            names.update(f"transformer_options.patches_replace.{kind}" for kind, entries in value.items() if entries)
+        elif value:
+            names.add(f"transformer_options.{key}")
+    return names
+
+
 def empty_video_latent(emotion: EmotionConditioning, reference_image: torch.Tensor, max_side: int) -> torch.Tensor:
     """Zero latents [1, 16, L, h, w] for the driving video's L latent frames at the reference's published size."""
     height, width = generation_size(reference_image.shape[1], reference_image.shape[2], max_side)
@@ -383,12 +459,12 @@ def empty_video_latent(emotion: EmotionConditioning, reference_image: torch.Tens
 
 def build_guider(model, positive: list, negative: list, clip_vision_output, vae, reference_image: torch.Tensor,
                  emotion: EmotionConditioning, windows, alp: ALPConfig | None,
-                 resume: ResumePolicy) -> FlashPortraitGuider:
+                 resume: ResumePolicy, devices: DeviceSet | None = None) -> FlashPortraitGuider:
     """The guider both FlashPortrait nodes sample with, after the inputs are checked."""
     check_sampler_inputs(reference_image, emotion.window_tokens(0, 1), positive[0][0], negative[0][0],
                          getattr(clip_vision_output, "penultimate_hidden_states", None))
     guider = FlashPortraitGuider(model, vae, reference_image, clip_vision_output, emotion, windows.length,
-                                 windows.overlap, alp, resume)
+                                 windows.overlap, alp, resume, devices)
     guider.set_conds(positive, negative)
     return guider
 

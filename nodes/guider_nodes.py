@@ -8,6 +8,7 @@ from ..flashportrait_core.sampling.alp import PRESETS, config_for_speedup, prese
 from ..flashportrait_core.sampling.choice import MAX_TARGET_SPEEDUP, check_sampling_widgets
 from ..flashportrait_core.sampling.schedules import DISTILLED_4STEP, PUBLISHED, SCHEDULES, sampling_sigmas
 from . import resume_store
+from .devices import devices_input
 from .guider import build_guider, empty_video_latent, progress_reporter
 from .sampler import SCHEDULE_TOOLTIP, guider_inputs, max_side_input, resume_input
 
@@ -34,6 +35,7 @@ class FlashPortraitGuiderNode(io.ComfyNode):
                                tooltip="Optional, with an ALP preset only: a target speed-up instead of the "
                                        "preset's; 0 uses the preset."),
                 resume_input(),
+                devices_input(),
             ],
             outputs=[
                 io.Guider.Output(display_name="guider"),
@@ -56,10 +58,10 @@ class FlashPortraitGuiderNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, clip_vision_output, vae, reference_image: torch.Tensor, emotion,
                 windows, max_side: int, acceleration: str = "off", target_speedup: float = 0.0,
-                resume: str = resume_store.OFF) -> io.NodeOutput:
+                resume: str = resume_store.OFF, devices=None) -> io.NodeOutput:
         alp = config_for_speedup(target_speedup) if target_speedup else preset(acceleration)
         guider = build_guider(model, positive, negative, clip_vision_output, vae, reference_image, emotion, windows,
-                              alp, resume_store.ResumePolicy.from_choice(resume))
+                              alp, resume_store.ResumePolicy.from_choice(resume), devices)
         guider.report_node_id = getattr(cls.hidden, "unique_id", None)
         guider.on_window_done = progress_reporter(getattr(cls.hidden, "unique_id", None))
         return io.NodeOutput(guider, {"samples": empty_video_latent(emotion, reference_image, max_side)})

@@ -6,13 +6,15 @@ import logging
 import os
 from dataclasses import dataclass
 
+import comfy.model_patcher
 import folder_paths
 import torch
 from comfy_api.latest import io
 
 from ..flashportrait_core.weights.reader import open_checkpoint
-from ..flashportrait_core.weights.checkpoints import (BASE, FLASHPORTRAIT, CheckpointError, flashportrait_holds_complete_dit,
-                                              load_state_dict, plan_flashportrait_dit)
+from ..flashportrait_core.weights.checkpoints import (BASE, FLASHPORTRAIT, CheckpointError,
+                                                      flashportrait_holds_complete_dit, load_state_dict,
+                                                      plan_flashportrait_dit)
 from ..flashportrait_core.expression.backends import BACKEND_CHOICES, FaceBackendChoice, resolve_face_backend
 from ..flashportrait_core.expression.pdfgc import load_fan_encoder
 from ..flashportrait_core.conditioning.portrait_encoder import load_portrait_encoder, split_portrait_encoder_keys
@@ -70,30 +72,62 @@ class FlashPortraitModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, wan_model: str, flashportrait_weights: str, weight_dtype: str) -> io.NodeOutput:
-        with contextlib.ExitStack() as files:
-            fp = files.enter_context(open_checkpoint(model_file(WEIGHTS_FOLDER, flashportrait_weights)))
-            fp_meta = fp.meta()
-            base = None
-            if wan_model != NO_WAN_BASE and not flashportrait_holds_complete_dit(fp_meta):
-                base = files.enter_context(open_checkpoint(model_file("diffusion_models", wan_model)))
-            layout = plan_flashportrait_dit(fp_meta, base.meta() if base else None, wan_name=wan_model,
-                                            flashportrait_name=flashportrait_weights,
-                                            wan_metadata=base.metadata if base else None,
-                                            flashportrait_metadata=fp.metadata)
-            readers = {FLASHPORTRAIT: fp, **({BASE: base} if base else {})}
-            loaded = build_flashportrait_model(layout, readers, dict(_WEIGHT_DTYPES[weight_dtype]),
-                                               wan_name=wan_model if base else flashportrait_weights)
-        lines = [layout.describe(wan_model, flashportrait_weights)
-                 + (f" ({wan_model} in wan_model was not read)" if layout.complete and wan_model != NO_WAN_BASE
-                    else ""),
-                 loaded.storage,
-                 "read lazily: " + "; ".join(f"{name}: {reader.access}" for name, reader in
-                                             ((flashportrait_weights, fp), (wan_model, base)) if reader)]
-        if loaded.unused:
-            lines.append(f"weights of the files that the Wan model has no place for: {_ignored_keys_note(loaded.unused)}")
-        report = "\n".join(lines)
+        source = ModelSource(wan_path=None if wan_model == NO_WAN_BASE else checkpoint_file("diffusion_models",
+                                                                                             wan_model),
+                             flashportrait_path=checkpoint_file(WEIGHTS_FOLDER, flashportrait_weights),
+                             weight_dtype=weight_dtype, wan_name=wan_model, flashportrait_name=flashportrait_weights)
+        model, report = load_flashportrait_model(source)
         logging.info("FlashPortrait Model Loader: %s", report.replace("\n", "; "))
-        return io.NodeOutput(loaded.model, ui={"text": [report]})
+        return io.NodeOutput(model, ui={"text": [report]})
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """The files and storage type a FlashPortrait MODEL was loaded from, so that device workers (window-parallel
+    sampling) load the very same weights in their own processes."""
+
+    wan_path: str | None  # None: the FlashPortrait file holds the whole DiT ('none' chosen)
+    flashportrait_path: str
+    weight_dtype: str
+    wan_name: str
+    flashportrait_name: str
+
+
+SOURCE_ATTRIBUTE = "flashportrait_source"  # on the ModelPatcher's BaseModel, which LoRA clones share
+
+
+def load_flashportrait_model(source: ModelSource) -> tuple[comfy.model_patcher.ModelPatcher, str]:
+    """A ModelPatcher of Wan 2.1 I2V with the FlashPortrait weights, emotion projections and block patches, read
+    tensor by tensor, and the loader's report (which files were read, how, in which dtype)."""
+    wan_model, flashportrait_weights = source.wan_name, source.flashportrait_name
+    with contextlib.ExitStack() as files:
+        fp = files.enter_context(open_checkpoint(source.flashportrait_path))
+        fp_meta = fp.meta()
+        base = None
+        if source.wan_path is not None and not flashportrait_holds_complete_dit(fp_meta):
+            base = files.enter_context(open_checkpoint(source.wan_path))
+        layout = plan_flashportrait_dit(fp_meta, base.meta() if base else None, wan_name=wan_model,
+                                        flashportrait_name=flashportrait_weights,
+                                        wan_metadata=base.metadata if base else None,
+                                        flashportrait_metadata=fp.metadata)
+        readers = {FLASHPORTRAIT: fp, **({BASE: base} if base else {})}
+        loaded = build_flashportrait_model(layout, readers, dict(_WEIGHT_DTYPES[source.weight_dtype]),
+                                           wan_name=wan_model if base else flashportrait_weights)
+    lines = [layout.describe(wan_model, flashportrait_weights)
+             + (f" ({wan_model} in wan_model was not read)" if layout.complete and wan_model != NO_WAN_BASE
+                else ""),
+             loaded.storage,
+             "read lazily: " + "; ".join(f"{name}: {reader.access}" for name, reader in
+                                         ((flashportrait_weights, fp), (wan_model, base)) if reader)]
+    if loaded.unused:
+        lines.append(f"weights of the files that the Wan model has no place for: {_ignored_keys_note(loaded.unused)}")
+    setattr(loaded.model.model, SOURCE_ATTRIBUTE, source)
+    return loaded.model, "\n".join(lines)
+
+
+def model_source(model_patcher) -> ModelSource | None:
+    """Where a MODEL from FlashPortrait Model Loader came from; None for a model loaded otherwise."""
+    return getattr(getattr(model_patcher, "model", None), SOURCE_ATTRIBUTE, None)
 
 
 class FlashPortraitPortraitEncoderLoader(io.ComfyNode):

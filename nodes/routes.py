@@ -3,6 +3,9 @@
 ``GET /flashportrait/window_plan?frames=&length=&overlap=`` answers the window plan that the sampler will use
 for ``frames`` driving video frames, so the Windows node can draw it without a second implementation of
 ``plan_windows`` in JavaScript.
+
+``GET /flashportrait/devices`` answers the device workers of FlashPortrait Devices: their devices, processes, and
+the last run's counts (``{"running": false}`` when none are held).
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from ..flashportrait_core.conditioning.emotion_tokens import num_latent_frames, 
 from ..flashportrait_core.sampling.windows import plan_windows
 
 WINDOW_PLAN_ROUTE = "/flashportrait/window_plan"
+DEVICES_ROUTE = "/flashportrait/devices"
 MAX_PREVIEW_FRAMES = 1_000_000  # far beyond any video; keeps a typo from building a huge plan
 
 
@@ -69,6 +73,13 @@ def register_routes() -> bool:
         except ValueError as error:
             return web.json_response({"error": str(error)}, status=400)
         return web.json_response(summary)
+
+    @PromptServer.instance.routes.get(DEVICES_ROUTE)
+    async def devices(request: web.Request) -> web.Response:
+        from .window_pool import active_pool
+
+        pool = active_pool()
+        return web.json_response({"running": False} if pool is None else {"running": True, **pool.status()})
 
     _registered = True
     return True

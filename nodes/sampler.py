@@ -17,6 +17,7 @@ from ..flashportrait_core.sampling.choice import (ACCELERATIONS, EULER, FOUR_STE
 from ..flashportrait_core.sampling.schedules import PUBLISHED, SIMPLE
 from ..flashportrait_core.validation import size_note, window_note
 from . import resume_store, types
+from .devices import devices_input
 from .guider import build_guider, empty_video_latent, needs_comfy_cfg, progress_reporter
 from .loaders import resolve_backend
 from .report_ui import sampler_ui
@@ -151,6 +152,7 @@ class FlashPortraitSampler(io.ComfyNode):
                                         "runs. Leave empty to start from noise."),
                 io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, optional=True,
                                tooltip="Share of the schedule to run on `latent` (1 = all of it, from noise)."),
+                devices_input(),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent"),
@@ -173,10 +175,11 @@ class FlashPortraitSampler(io.ComfyNode):
     def execute(cls, model, positive, negative, clip_vision_output, vae, reference_image: torch.Tensor,
                 emotion, windows, seed: int, steps: int, shift: float, max_side: int, acceleration: str = "off",
                 target_speedup: float = 0.0, sampler: str = "euler", schedule: str = PUBLISHED,
-                resume: str = resume_store.OFF, latent: dict | None = None, denoise: float = 1.0) -> io.NodeOutput:
+                resume: str = resume_store.OFF, latent: dict | None = None, denoise: float = 1.0,
+                devices=None) -> io.NodeOutput:
         samples, report, text = cls.sample(model, positive, negative, clip_vision_output, vae, reference_image,
                                            emotion, windows, seed, steps, shift, max_side, acceleration,
-                                           target_speedup, sampler, schedule, resume, latent, denoise)
+                                           target_speedup, sampler, schedule, resume, latent, denoise, devices)
         # ui: shown on the node by web/flashportrait.js (pass counts) after the run.
         return io.NodeOutput({"samples": samples}, text, ui=sampler_ui(report, text))
 
@@ -184,12 +187,12 @@ class FlashPortraitSampler(io.ComfyNode):
     def sample(cls, model, positive, negative, clip_vision_output, vae, reference_image: torch.Tensor, emotion,
                windows, seed: int, steps: int, shift: float, max_side: int, acceleration: str = "off",
                target_speedup: float = 0.0, sampler: str = "euler", schedule: str = PUBLISHED,
-               resume: str = resume_store.OFF, latent: dict | None = None, denoise: float = 1.0):
+               resume: str = resume_store.OFF, latent: dict | None = None, denoise: float = 1.0, devices=None):
         """The node's work: (latents [1, 16, L, h, w] on the CPU, the guider's SamplingReport, report text)."""
         choice = resolve_sampling(acceleration, steps, shift, sampler, target_speedup, schedule,
                                   denoise if latent is not None else 1.0)
         guider = build_guider(model, positive, negative, clip_vision_output, vae, reference_image, emotion,
-                              windows, choice.alp, resume_store.ResumePolicy.from_choice(resume))
+                              windows, choice.alp, resume_store.ResumePolicy.from_choice(resume), devices)
         guider.on_window_done = progress_reporter(getattr(cls.hidden, "unique_id", None))
         start = empty_video_latent(emotion, reference_image, max_side) if latent is None else latent["samples"]
         notes = [*latent_notes(reference_image, emotion, windows, max_side, start, latent is not None, denoise,

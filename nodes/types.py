@@ -6,3 +6,4 @@ Expressions = io.Custom("FLASHPORTRAIT_EXPRESSIONS")  # per-frame 554-d features
 PortraitEncoder = io.Custom("FLASHPORTRAIT_PORTRAIT_ENCODER")
 EmotionConditioning = io.Custom("FLASHPORTRAIT_EMOTION")  # emotion tokens per latent frame + guidance
 WindowSettings = io.Custom("FLASHPORTRAIT_WINDOWS")  # window length and overlap in latent frames
+Devices = io.Custom("FLASHPORTRAIT_DEVICES")  # device workers for window-parallel sampling

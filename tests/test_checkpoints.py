@@ -10,10 +10,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from flashportrait_core.weights.checkpoints import (BASE, FLASHPORTRAIT, CheckpointError, convert_to_safetensors,
-                                            describe_dit, flashportrait_holds_complete_dit, identify_checkpoint,
-                                            load_state_dict, merge_flashportrait_dit, missing_wan_i2v_keys,
-                                            plan_flashportrait_dit, scaled_fp8_format, split_emotion_projections,
-                                            strip_dit_prefix, wan_i2v_keys)
+                                                    describe_dit, flashportrait_holds_complete_dit,
+                                                    identify_checkpoint, load_state_dict, merge_flashportrait_dit,
+                                                    missing_wan_i2v_keys, plan_flashportrait_dit, scaled_fp8_format,
+                                                    split_emotion_projections, strip_dit_prefix, wan_i2v_keys)
 from flashportrait_core.weights import checkpoints
 from scripts import convert_checkpoint as convert_cli
 

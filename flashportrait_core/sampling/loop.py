@@ -1,7 +1,7 @@
 """The sliding-window denoising loop over a noise schedule."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -29,20 +29,55 @@ def blend_windows(x: torch.Tensor, plan: WindowPlan, predict: WindowPrediction, 
     ``blended``; ``after_window(k, blended)`` sees the sum after each window (a per-window checkpoint).
     """
     compute = x.device if compute_device is None else torch.device(compute_device)
+
+    def predictions() -> Iterator[tuple[int, torch.Tensor]]:
+        for k in range(first_window, len(plan.windows)):
+            window_x = window_slice(x, plan, k, frame_dim).to(compute)  # a view when nothing moves
+            prediction = predict(k, window_x)
+            del window_x  # the compute device holds one window's latents at a time
+            yield k, prediction
+
+    return blend_in_window_order(x, plan, predictions(), weights, frame_dim, first_window, blended, after_window)
+
+
+def window_slice(x: torch.Tensor, plan: WindowPlan, k: int, frame_dim: int = 2) -> torch.Tensor:
+    """Window ``k``'s frames of the full latents (a view)."""
+    start, end = plan.windows[k]
+    return x.narrow(frame_dim, start, end - start)
+
+
+def blend_in_window_order(x: torch.Tensor, plan: WindowPlan, predictions: Iterable[tuple[int, torch.Tensor]],
+                          weights: torch.Tensor, frame_dim: int = 2, first_window: int = 0,
+                          blended: torch.Tensor | None = None,
+                          after_window: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Blend ``(window, prediction)`` pairs that may arrive in any order (windows evaluated on several devices)
+    exactly as ``blend_windows`` does: each is added in window order, as soon as the windows before it are in.
+
+    Float addition is not associative, so adding in the order the predictions arrive would make the result depend
+    on which device finished first; in window order it is bit-identical to the one-device loop. Predictions that
+    arrive early wait (on ``x``'s device) until their turn. Every window from ``first_window`` on must come once.
+    """
     weights = weights.to(device=x.device, dtype=torch.float32)
     blended = torch.zeros_like(x, dtype=torch.float32) if blended is None else blended
     view_shape = [1] * x.ndim
-    for k in range(first_window, len(plan.windows)):
-        start, end = plan.windows[k]
-        window_x = x.narrow(frame_dim, start, end - start).to(compute)  # a view when nothing moves
-        prediction = predict(k, window_x)
-        del window_x  # the compute device holds one window's latents at a time
-        view_shape[frame_dim] = end - start
-        w = weights[k, start:end].reshape(view_shape)
-        blended.narrow(frame_dim, start, end - start).add_(prediction.to(device=x.device, dtype=torch.float32) * w)
+    waiting: dict[int, torch.Tensor] = {}
+    next_window = first_window
+    for k, prediction in predictions:
+        if not first_window <= k < len(plan.windows) or k < next_window or k in waiting:
+            raise ValueError(f"window {k} came twice or is not a window of this step "
+                             f"({first_window}..{len(plan.windows) - 1})")
+        waiting[k] = prediction.to(device=x.device, dtype=torch.float32)
         del prediction
-        if after_window is not None:
-            after_window(k, blended)
+        while next_window in waiting:
+            start, end = plan.windows[next_window]
+            view_shape[frame_dim] = end - start
+            w = weights[next_window, start:end].reshape(view_shape)
+            blended.narrow(frame_dim, start, end - start).add_(waiting.pop(next_window) * w)
+            if after_window is not None:
+                after_window(next_window, blended)
+            next_window += 1
+    if next_window != len(plan.windows):
+        raise ValueError(f"the step ended with windows {next_window}..{len(plan.windows) - 1} missing")
     return blended
 
 
