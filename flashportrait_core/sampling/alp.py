@@ -84,21 +84,22 @@ class ALPConfig:
 
 
 # Settings per target speed-up, chosen on the closed-form testbed (benchmarks/alp_testbed.py
-# --tune-alp, tuning seeds 100..115, never the reported seeds): (speed-up, first_trust,
-# error_tolerance, pace). Order 1 won at every budget there; higher orders are available.
+# --tune-alp, tuning seeds 100..115, never the reported seeds): (speed-up, max_order, first_trust,
+# error_tolerance, pace).
 _TUNED_ANCHORS = (
-    (3.0, 0.03, 0.005, 0.5),
-    (4.0, 0.05, 0.01, 0.0),
-    (5.0, 0.07, 0.03, 0.0),
-    (6.0, 0.07, 0.07, 0.0),
+    (3.0, 1, 0.03, 0.005, 0.5),
+    (4.0, 1, 0.05, 0.01, 0.0),
+    (5.0, 1, 0.07, 0.03, 0.0),
+    (6.0, 1, 0.07, 0.07, 0.0),
 )
 
 
 def config_for_speedup(speedup: float, **overrides) -> ALPConfig:
     """ALP settings for a target speed-up (model passes of the full run / passes with ALP).
 
-    Between the tuned anchors the tolerance is interpolated log-linearly and the other settings
-    linearly in the speed-up; outside them the nearest anchor's settings are used.
+    Between the tuned anchors the tolerance is interpolated log-linearly, first_trust and pace
+    linearly in the speed-up, and the order is the nearer anchor's; outside them the nearest
+    anchor's settings are used.
     """
     if not math.isfinite(speedup) or speedup < 1.0:
         raise ValueError(f"speedup must be a finite number >= 1, got {speedup}")
@@ -112,11 +113,11 @@ def config_for_speedup(speedup: float, **overrides) -> ALPConfig:
     t = 0.0 if high[0] == low[0] else (speedup - low[0]) / (high[0] - low[0])
     values = dict(
         speedup=float(speedup),
-        max_order=1,
-        first_trust=low[1] + t * (high[1] - low[1]),
-        error_tolerance=low[2] if t == 0.0 else high[2] if t == 1.0 else
-        math.exp(math.log(low[2]) + t * (math.log(high[2]) - math.log(low[2]))),
-        pace=low[3] + t * (high[3] - low[3]),
+        max_order=low[1] if t < 0.5 else high[1],
+        first_trust=low[2] + t * (high[2] - low[2]),
+        error_tolerance=low[3] if t == 0.0 else high[3] if t == 1.0 else
+        math.exp(math.log(low[3]) + t * (math.log(high[3]) - math.log(low[3]))),
+        pace=low[4] + t * (high[4] - low[4]),
     )
     values.update(overrides)
     return ALPConfig(**values)
