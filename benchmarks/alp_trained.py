@@ -242,19 +242,29 @@ class Result:
     vs_full: float
     vs_converged: float
     ssim_full: float
+    ssim_converged: float
     temporal_full: float
     evals_mean: float
     evals_max: int
+    vs_full_sd: float = 0.0  # spread over clips
 
 
 class References:
-    """Full and converged samples per clip (computed once)."""
+    """Full and converged samples per clip (computed once, kept in ``path`` when given)."""
 
-    def __init__(self, model, clips: list[Clip]):
+    def __init__(self, model, clips: list[Clip], path: Path | None = None):
+        key = ";".join(f"{c.video}@{c.start}" for c in clips) + f"|{FULL_STEPS}|{CONVERGED_STEPS}"
+        if path is not None and path.is_file():
+            saved = torch.load(path)
+            if saved["key"] == key:
+                self.full, self.converged = saved["full"], saved["converged"]
+                return
         full = loop_runner(model, published(FULL_STEPS))
         converged = loop_runner(model, schedules.simple_sigmas(CONVERGED_STEPS, SHIFT), solver="adams3")
         self.full = [full(c)[0] for c in clips]
         self.converged = [converged(c)[0] for c in clips]
+        if path is not None:
+            torch.save({"key": key, "full": self.full, "converged": self.converged}, path)
 
 
 def score(runner: Runner, clips: list[Clip], refs: References, keep_samples: bool = False
@@ -262,13 +272,13 @@ def score(runner: Runner, clips: list[Clip], refs: References, keep_samples: boo
     per_clip, samples = [], []
     for clip, full, converged in zip(clips, refs.full, refs.converged):
         x, evaluations = runner(clip)
-        per_clip.append(Result(psnr(x, full), psnr(x, converged), ssim(x, full), temporal_psnr(x, full),
-                               sum(evaluations) / len(evaluations), max(evaluations)))
+        per_clip.append(Result(psnr(x, full), psnr(x, converged), ssim(x, full), ssim(x, converged),
+                               temporal_psnr(x, full), sum(evaluations) / len(evaluations), max(evaluations)))
         if keep_samples:
             samples.append(x)
     mean = Result(*[sum(getattr(r, f) for r in per_clip) / len(per_clip) for f in
-                    ("vs_full", "vs_converged", "ssim_full", "temporal_full", "evals_mean")],
-                  max(r.evals_max for r in per_clip))
+                    ("vs_full", "vs_converged", "ssim_full", "ssim_converged", "temporal_full", "evals_mean")],
+                  max(r.evals_max for r in per_clip), mean_and_spread([r.vs_full for r in per_clip])[1])
     return mean, per_clip, samples
 
 
@@ -462,28 +472,62 @@ def report_methods(model, budget: int, tuned: dict) -> list[tuple[str, str, str,
                     loop_runner(model, sigmas, lambda g: EasyCacheRule(g, sigmas, budget, et, start_percent=es,
                                                                        end_percent=ee))))
     shipped = alp.config_for_speedup(ALP_SPEEDUP_AT_BUDGET[budget])
-    settings = (f"speed-up {ALP_SPEEDUP_AT_BUDGET[budget]:g}: order {shipped.max_order}, trust {shipped.first_trust:.3g}, "
-                f"tol {shipped.error_tolerance:.3g}, pace {shipped.pace:.2g}, dial {shipped.layer_ratio_limit:g}")
-    methods.append(("ALP", "alp", settings, alp_runner(model, shipped)))
+    methods.append(("ALP", "alp", describe(shipped), alp_runner(model, shipped)))
     if math.isinf(shipped.layer_ratio_limit):  # shipped off: show it on at its former default
         label, other = f"ALP, layer dial on ({DIAL_ON_REFERENCE:g})", DIAL_ON_REFERENCE
     else:
         label, other = "ALP, layer dial off", DIAL_OFF
-    methods.append((label, "alp", "", alp_runner(model, replace(shipped, layer_ratio_limit=other))))
-    methods.append(("ALP, Euler with forecast v", "alp", "", alp_runner(model, replace(shipped, integration="euler"))))
-    methods.append(("ALP, stale v", "alp", "", alp_runner(model, replace(shipped, integration="stale"))))
+    for label, config in ((label, replace(shipped, layer_ratio_limit=other)),
+                          ("ALP, Euler with forecast v", replace(shipped, integration="euler")),
+                          ("ALP, stale v", replace(shipped, integration="stale"))):
+        methods.append((label, "alp", describe(config), alp_runner(model, config)))
     return methods
+
+
+def describe(config) -> str:
+    return (f"x{config.speedup:g}: order {config.max_order}, trust {config.first_trust:.3g}, tol "
+            f"{config.error_tolerance:.3g}, pace {config.pace:.2g}, dial {config.layer_ratio_limit:g}, "
+            f"warm-up {config.warmup_steps}, final {config.final_steps}, {config.integration}")
+
+
+class ResultCache:
+    """Scores of earlier report runs, keyed by method, settings and clips: a rerun after a preset change only
+    runs what changed. ``--fresh`` ignores it."""
+
+    def __init__(self, path: Path, clips: list[Clip], enabled: bool):
+        self.path, self.enabled = path, enabled
+        self.clips = ";".join(f"{c.video}@{c.start}" for c in clips)
+        self.entries = json.loads(path.read_text()) if enabled and path.is_file() else {}
+        self.samples_path = path.with_suffix(".samples.pt")
+        self.samples = torch.load(self.samples_path) if enabled and self.samples_path.is_file() else {}
+
+    def key(self, name: str, budget, settings: str) -> str:
+        return f"{name}|{budget}|{settings}|{self.clips}"
+
+    def score(self, name: str, budget, settings: str, runner: Runner, clips, refs, keep: bool):
+        key = self.key(name, budget, settings)
+        if key in self.entries and (not keep or key in self.samples):
+            entry = self.entries[key]
+            return Result(**entry["mean"]), [Result(**r) for r in entry["per_clip"]], self.samples.get(key, [])
+        result, per_clip, kept = score(runner, clips, refs, keep_samples=keep)
+        self.entries[key] = {"mean": asdict(result), "per_clip": [asdict(r) for r in per_clip]}
+        self.path.write_text(json.dumps(self.entries))
+        if keep:
+            self.samples[key] = kept
+            torch.save(self.samples, self.samples_path)
+        return result, per_clip, kept
 
 
 def format_row(row: Row) -> str:
     r = row.result
     budget = "" if row.budget is None else f"{row.budget}"
-    return (f"{budget:>6}  {row.name:<32} {r.evals_mean:>5.2f}  {r.vs_full:>7.2f}  {r.vs_converged:>7.2f}  "
-            f"{r.ssim_full:>6.4f}  {r.temporal_full:>7.2f}  {row.settings}")
+    return (f"{budget:>6}  {row.name:<42} {r.evals_mean:>5.2f}  {r.vs_full:>7.2f} {r.vs_full_sd:>4.1f}  "
+            f"{r.vs_converged:>7.2f}  {r.ssim_full:>6.4f}  {r.ssim_converged:>6.4f}  {r.temporal_full:>7.2f}  "
+            f"{row.settings}")
 
 
-HEADER = (f"{'budget':>6}  {'method':<32} {'evals':>5}  {'vs full':>7}  {'vs conv':>7}  {'SSIM':>6}  "
-          f"{'tPSNR':>7}  settings")
+HEADER = (f"{'budget':>6}  {'method':<42} {'evals':>5}  {'vs full':>7} {'sd':>4}  {'vs conv':>7}  {'SSIM f':>6}  "
+          f"{'SSIM c':>6}  {'tPSNR f':>7}  settings (PSNR in dB; f: against full, c: against converged)")
 
 
 def print_bar(rows: list[Row], log) -> dict:
@@ -670,6 +714,7 @@ def main(argv=None) -> int:
     parser.add_argument("--retune", action="store_true", help="redo the tuning on the tuning clips")
     parser.add_argument("--tune-only", action="store_true", help="stop after the tuning")
     parser.add_argument("--write-docs", action="store_true", help="copy the PNGs to docs/")
+    parser.add_argument("--fresh", action="store_true", help="score every report row again (no cached scores)")
     parser.add_argument("--report-per-video", type=int, default=REPORT_PER_VIDEO)
     parser.add_argument("--tuning-per-video", type=int, default=TUNING_PER_VIDEO)
     args = parser.parse_args(argv)
@@ -684,7 +729,7 @@ def main(argv=None) -> int:
     tuning_path = folder / "tuning.json"
     if args.retune or not tuning_path.is_file():
         log(f"tuning on {len(tuning_clips)} clips of {td.SPLIT['tuning']}")
-        tuning_refs = References(model, tuning_clips)
+        tuning_refs = References(model, tuning_clips, folder / "references_tuning.pt")
         check = loop_runner(model, schedules.simple_sigmas(2 * CONVERGED_STEPS, SHIFT), solver="adams3")
         converged_check = [psnr(check(c)[0], conv) for c, conv in zip(tuning_clips[:2], tuning_refs.converged[:2])]
         log(f"converged ({CONVERGED_STEPS} Adams-3 steps) vs {2 * CONVERGED_STEPS}: "
@@ -701,7 +746,8 @@ def main(argv=None) -> int:
 
     clips = make_clips(frames, "report", args.report_per_video, 1000)
     log(f"report: {len(clips)} clips of {td.SPLIT['report']} ({EVAL_FRAMES} frames, windows {PLAN.windows})")
-    refs = References(model, clips)
+    refs = References(model, clips, folder / "references_report.pt")
+    cache = ResultCache(folder / "report_cache.json", clips, enabled=not args.fresh)
     full_vs_conv = sum(psnr(f, c) for f, c in zip(refs.full, refs.converged)) / len(clips)
     log(f"full vs converged: {full_vs_conv:.2f} dB")
     rows: list[Row] = []
@@ -710,7 +756,8 @@ def main(argv=None) -> int:
     for budget in BUDGETS:
         for name, family, settings, runner in report_methods(model, budget, tuned):
             keep = budget == 5 and name in ("ALP", "Euler, published grid")
-            result, per_clip, kept = score(runner, clips, refs, keep_samples=keep)
+            key_name, key_budget = ("ALP", None) if family == "alp" else (name, budget)  # a config scores once
+            result, per_clip, kept = cache.score(key_name, key_budget, settings, runner, clips, refs, keep)
             if result.evals_max > budget:
                 raise RuntimeError(f"{name} used {result.evals_max} evaluations at budget {budget}")
             if keep:
@@ -723,15 +770,18 @@ def main(argv=None) -> int:
     preset_of = {alp.PRESETS[name].speedup: name for name in PRESET_NAMES}
     for speedup in SPEEDUPS:
         config = alp.config_for_speedup(speedup)
-        result, per_clip, _ = score(alp_runner(model, config), clips, refs)
+        result, per_clip, _ = cache.score("ALP", None, describe(config), alp_runner(model, config), clips, refs, False)
         name = f"ALP x{speedup:g}" + (f" (preset {preset_of[speedup]})" if speedup in preset_of else "")
-        row = Row(None, name, "alp", f"budget {alp.step_budget(FULL_STEPS, config)}", result, per_clip)
+        row = Row(None, name, "alp", f"budget {alp.step_budget(FULL_STEPS, config)}; {describe(config)}", result,
+                  per_clip)
         rows.append(row)
         log(format_row(row))
     for name in PRESET_NAMES:
         if alp.PRESETS[name].speedup not in SPEEDUPS:
-            result, per_clip, _ = score(alp_runner(model, alp.PRESETS[name]), clips, refs)
-            row = Row(None, f"ALP preset {name} (x{alp.PRESETS[name].speedup:g})", "alp", "", result, per_clip)
+            config = alp.PRESETS[name]
+            result, per_clip, _ = cache.score("ALP", None, describe(config), alp_runner(model, config), clips, refs,
+                                              False)
+            row = Row(None, f"ALP preset {name} (x{config.speedup:g})", "alp", describe(config), result, per_clip)
             rows.append(row)
             log(format_row(row))
     log("")
