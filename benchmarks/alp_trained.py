@@ -286,7 +286,7 @@ def score(runner: Runner, clips: list[Clip], refs: References, keep_samples: boo
 # Tuning (tuning clips only)
 # --------------------------------------------------------------------------------------------------
 
-EASYCACHE_THRESHOLDS = (0.02, 0.05, 0.1, 0.2, 0.4)
+EASYCACHE_THRESHOLDS = (0.03, 0.08, 0.2, 0.5)
 EASYCACHE_STARTS = (0.0, 0.15)  # the node's defaults: start 0.15, end 0.95
 EASYCACHE_ENDS = (0.95, 1.0)
 TEACACHE_THRESHOLDS = tuple(float(t) for t in torch.logspace(math.log10(0.005), math.log10(2.0), 16))
@@ -359,7 +359,7 @@ def tune(model, clips: list[Clip], refs: References, log: Callable[[str], None])
         chosen: dict = {}
         for order, name in ((0, "reuse"), (1, "taylor1"), (2, "taylor2")):
             plans = {}
-            for warmup, final in itertools.product((1, 2, 3), (True, False)):
+            for warmup, final in itertools.product((1, 2), (True, False)):
                 plan = spread_plan(FULL_STEPS, budget, warmup, final)
                 if len(plan) == budget and plan not in plans.values():
                     plans[(warmup, final)] = plan

@@ -101,10 +101,12 @@ def test_condition_marks_the_first_frame_and_drops_whole_rows():
     gen = torch.Generator().manual_seed(0)
     reference = torch.rand(2, 3, 8, 8, generator=gen) * 2 - 1
     concat, context = td.condition_inputs(reference, frames=5, keep=torch.tensor([True, False]))
-    assert concat.shape == (2, 4, 5, 8, 8) and context.shape == (2, 4, 3 * 16 + 16)
+    assert concat.shape == (2, 7, 5, 8, 8) and context.shape == (2, 4, 3 * 16 + 16)
     assert (concat[0, 0, 0] == 1).all() and (concat[0, 0, 1:] == 0).all()
-    torch.testing.assert_close(concat[0, 1:, 0], reference[0])
-    assert (concat[0, 1:, 1:] == 0).all()
+    torch.testing.assert_close(concat[0, 1:4, 0], reference[0])  # Wan's I2V form: frame 0 known
+    assert (concat[0, 1:4, 1:] == 0).all()
+    for frame in range(5):  # the identity at every frame
+        torch.testing.assert_close(concat[0, 4:, frame], reference[0])
     assert (concat[1] == 0).all() and (context[1] == 0).all()
     # Context token 1 is the patch at row 0, column 1 (channel-major values), then its position features.
     torch.testing.assert_close(context[0, 1, :48], reference[0, :, 0:4, 4:8].reshape(-1))
