@@ -36,7 +36,8 @@ DRIVING = DATA / "driving" / "lp_d0.mp4"
 PRESETS = ("off", "quality", "balanced", "fast", "4-step LoRA")
 FOUR_STEP = "4-step LoRA"
 CONVERTED_LORA = "fast_lora_tiny_comfy.safetensors"
-REPORT = re.compile(r"(\d+) window\(s\) x (\d+) steps, (\d+) DiT passes, [\d.]+ s \(denoising ([\d.]+) s\)")
+REPORT = re.compile(r"(\d+) window\(s\) x (\d+) steps \(\w+\), (\d+) DiT passes \([^)]*\), [\d.]+ s "
+                    r"\(denoising ([\d.]+) s\)")
 
 
 def sampler_report(prompt: dict, entry: dict) -> tuple[int, float, str]:

@@ -7,6 +7,11 @@ from typing_extensions import override
 from .conditioning import (FlashPortraitEmotionConditioning, FlashPortraitLoadConditioning,
                            FlashPortraitSaveConditioning)
 from .decode import FlashPortraitDecodeToVideo
+from .evaluate import FlashPortraitEvaluate
+from .expression_edit import (FlashPortraitCombineExpressions, FlashPortraitEditExpressions,
+                              FlashPortraitRetimeExpressions)
+from .expression_files import FlashPortraitLoadExpressions, FlashPortraitSaveExpressions
+from .guider_nodes import FlashPortraitGuiderNode, FlashPortraitSchedule
 from .expressions import (FlashPortraitExtractExpressions, FlashPortraitExtractExpressionsFromVideo,
                           FlashPortraitPlotExpressions, FlashPortraitPreviewFaces)
 from .loaders import (FlashPortraitExpressionModelLoader, FlashPortraitModelLoader,
@@ -31,12 +36,20 @@ class FlashPortraitExtension(ComfyExtension):
             FlashPortraitExtractExpressionsFromVideo,
             FlashPortraitPreviewFaces,
             FlashPortraitPlotExpressions,
+            FlashPortraitEditExpressions,
+            FlashPortraitCombineExpressions,
+            FlashPortraitRetimeExpressions,
+            FlashPortraitSaveExpressions,
+            FlashPortraitLoadExpressions,
             FlashPortraitEmotionConditioning,
             FlashPortraitWindows,
             FlashPortraitSampler,
+            FlashPortraitGuiderNode,
+            FlashPortraitSchedule,
             FlashPortraitDecodeToVideo,
             FlashPortraitSaveConditioning,
             FlashPortraitLoadConditioning,
+            FlashPortraitEvaluate,
         ]
 
 

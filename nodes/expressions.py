@@ -9,17 +9,17 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..flashportrait_core.expression.backends import resolve_face_backend
 from ..flashportrait_core.expression.extract import (extract_expression_features,
                                                      extract_expression_features_from_video)
 from ..flashportrait_core.expression.preview import (draw_face_overlay, face_tracks_for_frames,
                                                      landmarks_for_frames, plot_expression_curves)
 from . import types
-from .loaders import insightface_roots
+from .loaders import resolve_backend
 
 SMOOTHING_TOOLTIP = ("Temporal smoothing of the face points (one-euro filter, run forward and backward so it adds "
                      "no delay): 0 = off, 1 = strongest. Steadies the face crop on a still head while fast "
-                     "motion still passes.")
+                     "motion still passes. Not used with the flashportrait face backend, whose points come "
+                     "smoothed by the published landmark filter.")
 
 
 def smoothing_input() -> io.Float.Input:
@@ -33,8 +33,7 @@ class _Extraction:
     def __init__(self, expression_model, total_frames: int) -> None:
         self.model = expression_model
         self.progress = comfy.utils.ProgressBar(max(total_frames, 1))
-        self.choice = expression_model.backend or resolve_face_backend(expression_model.face_backend,
-                                                                       insightface_roots())
+        self.choice = expression_model.backend or resolve_backend(expression_model.face_backend)
 
     def __enter__(self) -> _Extraction:
         device = comfy.model_management.get_torch_device()
@@ -49,6 +48,11 @@ class _Extraction:
 
     def report(self, expressions) -> str:
         return f"{expressions.report()}; faces: {self.choice.description}"
+
+    def label(self, expressions):
+        """The expressions with the face backend that found them recorded (kept when they are saved)."""
+        expressions.face_backend = self.choice.description
+        return expressions
 
     def on_progress(self, done: int, total: int) -> None:
         self.progress.update_absolute(done, total)
@@ -97,6 +101,7 @@ class FlashPortraitExtractExpressions(io.ComfyNode):
             expressions = extract_expression_features(
                 driving_frames, run.encoder, run.backend, batch_size=batch_size, smoothing=smoothing,
                 fps=float(fps) if fps else 25.0, on_progress=run.on_progress, should_stop=run.should_stop)
+            run.label(expressions)
         return io.NodeOutput(expressions, run.report(expressions))
 
 
@@ -196,6 +201,7 @@ class FlashPortraitExtractExpressionsFromVideo(io.ComfyNode):
                 file_path, run.encoder, run.backend, batch_size=batch_size, smoothing=smoothing,
                 max_frames=max_frames or None, target_fps=target_fps or None,
                 on_progress=run.on_progress, should_stop=run.should_stop)
+            run.label(expressions)
         return io.NodeOutput(expressions, float(expressions.fps), int(expressions.features.shape[0]),
                              f"{os.path.basename(file_path)}: {run.report(expressions)}")
 
@@ -209,16 +215,18 @@ class FlashPortraitPreviewFaces(io.ComfyNode):
             category="FlashPortrait",
             description="Draws the face box and the 5 alignment points over the driving frames, so you can see "
                         "whether the face was followed: green box = detected, orange = interpolated. The face "
-                        "backend's landmarks are drawn too (cyan): MediaPipe's 478-point face mesh, or insightface's "
-                        "106 points when the pack has 2d106det.onnx.",
+                        "backend's landmarks are drawn too (cyan): FlashPortrait's 222 points (flashportrait), "
+                        "MediaPipe's 478-point face mesh, or insightface's 106 points when the pack has "
+                        "2d106det.onnx.",
             inputs=[
                 io.Image.Input("driving_frames", tooltip="The driving frames the expressions were extracted from "
                                                          "(the first N are drawn; a resized copy works too)."),
                 types.Expressions.Input("expressions", tooltip="From a FlashPortrait Extract Expressions node."),
                 io.Boolean.Input("draw_landmarks", default=True, optional=True,
                                  tooltip="Also draw the face backend's dense landmarks where it has them "
-                                         "(MediaPipe's 478-point face mesh; insightface's 106 points when the "
-                                         "pack has 2d106det.onnx, none otherwise)."),
+                                         "(flashportrait: 222 points; MediaPipe's 478-point face mesh; "
+                                         "insightface's 106 points when the pack has 2d106det.onnx, none "
+                                         "otherwise)."),
             ],
             outputs=[io.Image.Output(display_name="preview")],
         )

@@ -103,7 +103,7 @@ class FlashPortraitPortraitEncoderLoader(io.ComfyNode):
 @dataclass(frozen=True)
 class ExpressionModel:
     encoder: torch.nn.Module  # PD-FGC FanEncoder, eval mode
-    face_backend: str  # the choice made in the loader: auto, mediapipe or insightface
+    face_backend: str  # the choice made in the loader: auto, flashportrait, mediapipe or insightface
     backend: FaceBackendChoice | None = None  # what runs (resolved when loaded); None: resolve when used
 
 
@@ -113,6 +113,19 @@ def insightface_roots() -> list[str]:
         folder_paths.folder_names_and_paths else []
     default = os.path.join(folder_paths.models_dir, "insightface")
     return roots + ([default] if default not in roots else [])
+
+
+def flashportrait_folders() -> list[str]:
+    """The flashportrait model folders, where FlashPortrait's face_det.onnx and face_landmark.onnx sit."""
+    folders = list(folder_paths.get_folder_paths(WEIGHTS_FOLDER)) if WEIGHTS_FOLDER in \
+        folder_paths.folder_names_and_paths else []
+    default = os.path.join(folder_paths.models_dir, WEIGHTS_FOLDER)
+    return folders + ([default] if default not in folders else [])
+
+
+def resolve_backend(face_backend: str) -> FaceBackendChoice:
+    """The face backend a loader choice runs, searching ComfyUI's model folders."""
+    return resolve_face_backend(face_backend, insightface_roots(), flashportrait_folders=flashportrait_folders())
 
 
 class FlashPortraitExpressionModelLoader(io.ComfyNode):
@@ -127,17 +140,20 @@ class FlashPortraitExpressionModelLoader(io.ComfyNode):
                 io.Combo.Input("expression_encoder", options=folder_paths.get_filename_list(WEIGHTS_FOLDER),
                                tooltip="FlashPortrait's pd_fpg.pth (models/flashportrait)."),
                 io.Combo.Input("face_backend", options=list(BACKEND_CHOICES), default="auto",
-                               tooltip="Face detector giving the 5 alignment points. mediapipe: offline on the "
-                                       "CPU (pip install mediapipe==0.10.21). insightface: SCRFD from a pack in "
-                                       "models/insightface/models/<pack>/ (e.g. buffalo_l), run by onnxruntime. "
-                                       "auto: insightface when a pack is there, else mediapipe."),
+                               tooltip="Face detector giving the 5 alignment points. flashportrait: FlashPortrait's "
+                                       "own face_det.onnx + face_landmark.onnx (in models/flashportrait, beside "
+                                       "pd_fpg.pth), the published crops, run by onnxruntime. mediapipe: offline "
+                                       "on the CPU (pip install mediapipe==0.10.21). insightface: SCRFD from a "
+                                       "pack in models/insightface/models/<pack>/ (e.g. buffalo_l). auto: "
+                                       "flashportrait when both its files are there, else insightface when a pack "
+                                       "is there, else mediapipe."),
             ],
             outputs=[types.ExpressionModel.Output()],
         )
 
     @classmethod
     def execute(cls, expression_encoder: str, face_backend: str) -> io.NodeOutput:
-        backend = resolve_face_backend(face_backend, insightface_roots())  # fails early, saying what is missing
+        backend = resolve_backend(face_backend)  # fails early, saying what is missing
         state_dict = load_state_dict(checkpoint_file(WEIGHTS_FOLDER, expression_encoder))
         try:
             encoder = load_fan_encoder(state_dict)

@@ -7,19 +7,23 @@ import folder_paths
 
 WEIGHTS_FOLDER = "flashportrait"  # transformer.pt, portrait_encoder.pt, pd_fpg.pth
 CONDITIONING_FOLDER = "flashportrait_conditioning"  # precomputed prompt + CLIP-vision conditioning
+EXPRESSIONS_FOLDER = "flashportrait_expressions"  # saved driving performances (Save / Load Expressions)
 
 
 def register_model_folders() -> None:
-    for name in (WEIGHTS_FOLDER, CONDITIONING_FOLDER):
+    folders = {WEIGHTS_FOLDER: folder_paths.supported_pt_extensions,
+               CONDITIONING_FOLDER: folder_paths.supported_pt_extensions,
+               EXPRESSIONS_FOLDER: {".safetensors"}}
+    for name, wanted in folders.items():
         default = os.path.join(folder_paths.models_dir, name)
         if name in folder_paths.folder_names_and_paths:
             # extra_model_paths.yaml may have declared the folder first, without extensions.
             paths, extensions = folder_paths.folder_names_and_paths[name]
             if default not in paths:
                 paths.append(default)
-            extensions.update(folder_paths.supported_pt_extensions)
+            extensions.update(wanted)
         else:
-            folder_paths.folder_names_and_paths[name] = ([default], set(folder_paths.supported_pt_extensions))
+            folder_paths.folder_names_and_paths[name] = ([default], set(wanted))
 
 
 def model_file(folder: str, name: str) -> str:

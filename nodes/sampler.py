@@ -1,30 +1,113 @@
-"""The FlashPortrait sampler node: windowed flow-matching sampling of the whole video."""
+"""The FlashPortrait Sampler node: the published windowed sampling in one node, over ComfyUI's own sampling."""
 from __future__ import annotations
 
 import logging
 
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
 import torch
 from comfy_api.latest import io
 
-from ..flashportrait_core.expression.backends import FaceBackendChoice, FaceBackendUnavailableError, \
-    resolve_face_backend
+from ..flashportrait_core.expression.backends import FaceBackendChoice, FaceBackendUnavailableError
 from ..flashportrait_core.expression.reference_check import reference_face_note
-from ..flashportrait_core.sampling.choice import ACCELERATIONS, FOUR_STEP_LORA, resolve_sampling
-from ..flashportrait_core.sampling.solvers import STEP_SOLVERS
-from ..flashportrait_core.validation import check_sampler_inputs, size_note, window_note
-from ..flashportrait_core.sampling.windows import plan_windows
-from . import types
-from .loaders import insightface_roots
+from ..flashportrait_core.sampling.choice import (ACCELERATIONS, FOUR_STEP_LORA, check_sampling_widgets,
+                                                  resolve_sampling)
+from ..flashportrait_core.sampling.schedules import PUBLISHED, SIMPLE
+from ..flashportrait_core.sampling.solvers import STEP_SOLVERS, sample_adams_denoised
+from ..flashportrait_core.validation import size_note, window_note
+from . import resume_store, types
+from .guider import build_guider, empty_video_latent, progress_reporter
+from .loaders import resolve_backend
 from .report_ui import sampler_ui
-from .wan_runner import generation_size, run_flashportrait_sampling
+
+SCHEDULE_TOOLTIP = ("Noise levels of the steps. published: the published inference's grid (diffusers' flow-matching "
+                    "Euler scheduler; last model calls at 0.17 and 0.024 for 30 steps). simple: ComfyUI's simple "
+                    "scheduler on the same shift (last calls 0.26 and 0.15, higher).")
+ACCELERATION_TOOLTIP = ("off: every step computed, as published. quality / balanced / fast: Adaptive Latent "
+                        "Prediction (this pack's reconstruction of the paper's method, not the authors' code), "
+                        "about 3x / 4x / 6x fewer DiT passes by forecasting each window's trajectory (needs the "
+                        "euler sampler). '4-step LoRA': the published fast path, 4 Euler steps at timesteps "
+                        "1000/750/500/250 (steps and schedule are not used); apply the distillation LoRA first "
+                        "(LoraLoaderModelOnly).")
+TARGET_TOOLTIP = ("Optional, with an ALP preset only: a target speed-up (e.g. 5 = a fifth of the DiT passes) "
+                  "instead of the preset's; 0 uses the preset.")
+RESUME_TOOLTIP = ("Checkpoints of an unfinished run in output/flashportrait_resume, so a run interrupted (or "
+                  "crashed) continues where it stopped when queued again with the same settings. Each checkpoint "
+                  "holds the whole video's latents (the report shows the size); 'every window' also the step's "
+                  "blend so far. Needs the euler sampler. A finished run deletes its checkpoints.")
 
 
 def available_face_backend() -> FaceBackendChoice | None:
     """The face backend `auto` would pick, or None where none is installed (the reference is then not checked)."""
     try:
-        return resolve_face_backend("auto", insightface_roots())
+        return resolve_backend("auto")
     except FaceBackendUnavailableError:
         return None
+
+
+def step_sampler(solver: str) -> comfy.samplers.KSAMPLER:
+    """ComfyUI's euler, or the pack's Adams-Bashforth in ComfyUI's sampler form."""
+    if solver == "euler":
+        return comfy.samplers.sampler_object("euler")
+    adams = comfy.samplers.KSAMPLER(sample_adams_denoised, {"order": int(solver[len("adams"):])})
+    adams.label = solver
+    return adams
+
+
+def guider_inputs() -> list:
+    """The inputs the sampler node shares with FlashPortrait Guider."""
+    return [
+        io.Model.Input("model", tooltip="From FlashPortrait Model Loader (LoRAs may be applied)."),
+        io.Conditioning.Input("positive", tooltip="Encoded prompt (umT5, CLIP Text Encode); combined and "
+                                                  "timestep-ranged conditioning work."),
+        io.Conditioning.Input("negative", tooltip="Encoded negative prompt; used when text_cfg > 1."),
+        io.ClipVisionOutput.Input("clip_vision_output",
+                                  tooltip="CLIP Vision Encode of the reference image (clip_vision_h)."),
+        io.Vae.Input("vae", tooltip="Wan 2.1 VAE, used to encode the reference image."),
+        io.Image.Input("reference_image", tooltip="The portrait to animate (first image is used)."),
+        types.EmotionConditioning.Input("emotion", tooltip="From FlashPortrait Emotion Conditioning."),
+        types.WindowSettings.Input("windows", tooltip="From FlashPortrait Windows."),
+    ]
+
+
+def max_side_input() -> io.Int.Input:
+    return io.Int.Input("max_side", default=720, min=16, max=2048, step=16,
+                        tooltip="Longest side of the output (published: 720); the reference is scaled to it and "
+                                "each side rounded up to a multiple of 16.")
+
+
+def resume_input() -> io.Combo.Input:
+    return io.Combo.Input("resume", options=list(resume_store.CHOICES), default=resume_store.OFF,
+                          tooltip=RESUME_TOOLTIP)
+
+
+def reference_notes(model, reference_image: torch.Tensor, acceleration: str) -> list[str]:
+    """Report lines on what the run will not do as the user may expect: no face seen, 4 steps without a LoRA."""
+    notes = []
+    face_backend = available_face_backend()
+    face_note = reference_face_note(reference_image, face_backend) if face_backend else None
+    if face_note:
+        logging.warning("FlashPortrait: %s", face_note)
+        notes.append(face_note)
+    if acceleration == FOUR_STEP_LORA and not getattr(model, "patches", None):
+        notes.append(f"{FOUR_STEP_LORA}: the model carries no LoRA; without the distillation LoRA 4 steps "
+                     f"give a blurred result (apply fast_lora_rank64 with LoraLoaderModelOnly)")
+    return notes
+
+
+def latent_notes(reference_image: torch.Tensor, emotion, windows, max_side: int, latent: torch.Tensor,
+                 given: bool, denoise: float, steps: int) -> list[str]:
+    """Report lines on the size and length sampled: sides rounded, windows clipped, a latent continued."""
+    height, width = latent.shape[-2] * 8, latent.shape[-1] * 8
+    notes = [note for note in (window_note(emotion.num_latent_frames, windows.length),) if note]
+    if given:
+        notes.append(f"continued from the given latent ({width}x{height}, denoise {denoise:g}: the last {steps} "
+                     f"steps of the schedule); max_side not used")
+    else:
+        notes.extend(note for note in (size_note(*reference_image.shape[1:3], max_side, height, width),) if note)
+    return notes
 
 
 class FlashPortraitSampler(io.ComfyNode):
@@ -34,70 +117,81 @@ class FlashPortraitSampler(io.ComfyNode):
             node_id="FlashPortraitSampler",
             display_name="FlashPortrait Sampler",
             category="FlashPortrait",
-            description="Animates the reference portrait with the driving expressions: flow-matching Euler over "
-                        "sliding windows, every window conditioned on the reference image as published. The "
-                        "latents include the reference as frame 0; drop the first decoded frame.",
+            description="Animates the reference portrait with the driving expressions: the published sliding-window "
+                        "sampling (defaults: the published settings) through ComfyUI's sampling, with latent "
+                        "previews. The latents include the reference as frame 0; drop the first decoded frame. "
+                        "For other ComfyUI samplers and schedules use FlashPortrait Guider with "
+                        "SamplerCustomAdvanced.",
             inputs=[
-                io.Model.Input("model", tooltip="From FlashPortrait Model Loader (LoRAs may be applied)."),
-                io.Conditioning.Input("positive", tooltip="Encoded prompt (umT5, CLIP Text Encode)."),
-                io.Conditioning.Input("negative", tooltip="Encoded negative prompt; used when text_cfg > 1."),
-                io.ClipVisionOutput.Input("clip_vision_output",
-                                          tooltip="CLIP Vision Encode of the reference image (clip_vision_h)."),
-                io.Vae.Input("vae", tooltip="Wan 2.1 VAE, used to encode the reference image."),
-                io.Image.Input("reference_image", tooltip="The portrait to animate (first image is used)."),
-                types.EmotionConditioning.Input("emotion", tooltip="From FlashPortrait Emotion Conditioning."),
-                types.WindowSettings.Input("windows", tooltip="From FlashPortrait Windows."),
+                *guider_inputs(),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Noise seed; the same seed and settings give the same video."),
                 io.Int.Input("steps", default=30, min=1, max=200, tooltip="Denoising steps (published: 30)."),
                 io.Float.Input("shift", default=5.0, min=0.1, max=20.0, step=0.1,
-                               tooltip="Flow-matching schedule shift (published: 5 at 720p, 3 at 480p)."),
-                io.Int.Input("max_side", default=720, min=16, max=2048, step=16,
-                             tooltip="Longest side of the output; the reference is scaled to it and each side "
-                                     "rounded up to a multiple of 16."),
-                io.Combo.Input("acceleration", options=list(ACCELERATIONS), default="quality",
-                               tooltip="Adaptive Latent Prediction: skips DiT passes by forecasting the latent "
-                                       "trajectory of each window. quality ~3x, balanced ~4x, fast ~6x fewer "
-                                       "passes; off computes every step. '4-step LoRA': the published fast "
-                                       "path, 4 Euler steps at timesteps 1000/750/500/250 (steps is not used); "
-                                       "apply the distillation LoRA to the model first (LoraLoaderModelOnly)."),
-                io.Float.Input("target_speedup", default=0.0, min=0.0, max=10.0, step=0.5,
-                               tooltip="Optional: a target speed-up (e.g. 5 = a fifth of the DiT passes) instead "
-                                       "of the preset; 0 uses the preset."),
+                               tooltip="Flow-matching schedule shift (published: 5)."),
+                max_side_input(),
+                io.Combo.Input("acceleration", options=list(ACCELERATIONS), default="off",
+                               tooltip=ACCELERATION_TOOLTIP),
+                io.Float.Input("target_speedup", default=0.0, min=0.0, max=10.0, step=0.5, tooltip=TARGET_TOOLTIP),
                 io.Combo.Input("sampler", options=list(STEP_SOLVERS), default="euler",
-                               tooltip="Step update of the window loop. euler: as published. adams2 / adams3: "
-                                       "multistep (Adams-Bashforth) over the last velocities, more accurate at the "
-                                       "same number of DiT passes (adams3 from 8 steps); needs acceleration off."),
+                               tooltip="Step update. euler: as published. adams2 / adams3: multistep "
+                                       "(Adams-Bashforth) over the last velocities (adams3 from 8 steps); need "
+                                       "acceleration off. ComfyUI's own samplers: FlashPortrait Guider with "
+                                       "SamplerCustomAdvanced."),
+                io.Combo.Input("schedule", options=[PUBLISHED, SIMPLE], default=PUBLISHED, tooltip=SCHEDULE_TOOLTIP),
+                resume_input(),
+                io.Latent.Input("latent", optional=True,
+                                tooltip="Optional: latents to continue from instead of noise (a refining pass, "
+                                        "video-to-video); with denoise below 1 only the last part of the schedule "
+                                        "runs. Leave empty to start from noise."),
+                io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, optional=True,
+                               tooltip="Share of the schedule to run on `latent` (1 = all of it, from noise)."),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent"),
-                io.String.Output(display_name="report", tooltip="Windows, DiT passes and time."),
+                io.String.Output(display_name="report", tooltip="Windows, DiT passes, time, and what was chosen."),
             ],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
+    def validate_inputs(cls, acceleration: str = "off", sampler: str = "euler", target_speedup: float = 0.0,
+                        schedule: str = PUBLISHED, resume: str = resume_store.OFF, **_) -> bool | str:
+        try:
+            check_sampling_widgets(acceleration, sampler, target_speedup, schedule)
+            resume_store.ResumePolicy.from_choice(resume)
+        except ValueError as error:
+            return str(error)
+        return True
+
+    @classmethod
     def execute(cls, model, positive, negative, clip_vision_output, vae, reference_image: torch.Tensor,
-                emotion, windows, seed: int, steps: int, shift: float, max_side: int, acceleration: str = "quality",
-                target_speedup: float = 0.0, sampler: str = "euler") -> io.NodeOutput:
-        check_sampler_inputs(reference_image, emotion.latent_tokens_for(0, 1), positive[0][0], negative[0][0],
-                             getattr(clip_vision_output, "penultimate_hidden_states", None))
-        height, width = generation_size(reference_image.shape[1], reference_image.shape[2], max_side)
-        notes = [note for note in (size_note(*reference_image.shape[1:3], max_side, height, width),
-                                   window_note(emotion.num_latent_frames, windows.length)) if note]
-        plan = plan_windows(emotion.num_latent_frames, windows.length, windows.overlap)
-        choice = resolve_sampling(acceleration, steps, shift, sampler, target_speedup)
-        notes.extend(choice.notes)
-        face_backend = available_face_backend()
-        face_note = reference_face_note(reference_image, face_backend) if face_backend else None
-        if face_note:
-            logging.warning("FlashPortrait Sampler: %s", face_note)
-            notes.append(face_note)
-        if acceleration == FOUR_STEP_LORA and not getattr(model, "patches", None):
-            notes.append(f"{FOUR_STEP_LORA}: the model carries no LoRA; without the distillation LoRA 4 steps "
-                         f"give a blurred result (apply fast_lora_rank64 with LoraLoaderModelOnly)")
-        latents, report = run_flashportrait_sampling(
-            model, vae, positive[0][0], negative[0][0], clip_vision_output, reference_image, emotion, plan,
-            seed, choice.steps, shift, height, width, choice.alp, choice.sigmas, choice.solver)
-        text = "\n".join([report.text(), *notes])
+                emotion, windows, seed: int, steps: int, shift: float, max_side: int, acceleration: str = "off",
+                target_speedup: float = 0.0, sampler: str = "euler", schedule: str = PUBLISHED,
+                resume: str = resume_store.OFF, latent: dict | None = None, denoise: float = 1.0) -> io.NodeOutput:
+        samples, report, text = cls.sample(model, positive, negative, clip_vision_output, vae, reference_image,
+                                           emotion, windows, seed, steps, shift, max_side, acceleration,
+                                           target_speedup, sampler, schedule, resume, latent, denoise)
         # ui: shown on the node by web/flashportrait.js (pass counts) after the run.
-        return io.NodeOutput({"samples": latents}, text, ui=sampler_ui(report, text))
+        return io.NodeOutput({"samples": samples}, text, ui=sampler_ui(report, text))
+
+    @classmethod
+    def sample(cls, model, positive, negative, clip_vision_output, vae, reference_image: torch.Tensor, emotion,
+               windows, seed: int, steps: int, shift: float, max_side: int, acceleration: str = "off",
+               target_speedup: float = 0.0, sampler: str = "euler", schedule: str = PUBLISHED,
+               resume: str = resume_store.OFF, latent: dict | None = None, denoise: float = 1.0):
+        """The node's work: (latents [1, 16, L, h, w] on the CPU, the guider's SamplingReport, report text)."""
+        choice = resolve_sampling(acceleration, steps, shift, sampler, target_speedup, schedule,
+                                  denoise if latent is not None else 1.0)
+        guider = build_guider(model, positive, negative, clip_vision_output, vae, reference_image, emotion,
+                              windows, choice.alp, resume_store.ResumePolicy.from_choice(resume))
+        guider.on_window_done = progress_reporter(getattr(cls.hidden, "unique_id", None))
+        start = empty_video_latent(emotion, reference_image, max_side) if latent is None else latent["samples"]
+        notes = [*latent_notes(reference_image, emotion, windows, max_side, start, latent is not None, denoise,
+                               choice.steps),
+                 *reference_notes(model, reference_image, acceleration), *choice.notes]
+        noise = comfy.sample.prepare_noise(start, seed)
+        callback = latent_preview.prepare_callback(model, choice.steps)
+        samples = guider.sample(noise, start, step_sampler(choice.solver), choice.sigmas.float(), callback=callback,
+                                disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        return samples.cpu(), guider.report, "\n".join([guider.report.text(), *notes])

@@ -62,7 +62,7 @@ _MUTABLE_TOP_DIRS = {"custom_nodes", "input", "output", "temp", "user", "models"
 # Model folder names always offered to ComfyUI from a models directory (others are added when present).
 STANDARD_MODEL_FOLDERS = (
     "diffusion_models", "vae", "text_encoders", "clip_vision", "loras", "checkpoints",
-    "flashportrait", "flashportrait_conditioning",
+    "flashportrait", "flashportrait_conditioning", "flashportrait_expressions",
 )
 
 LOCAL_HOST = "127.0.0.1"

@@ -62,7 +62,7 @@ class Settings:
     window_length: int = 51
     window_overlap: int = 30
     max_frames: int = 0  # 0: every driving frame
-    acceleration: str = "quality"  # ALP preset: off, quality, balanced, fast
+    acceleration: str = "off"  # off (the published loop), an ALP preset (quality, balanced, fast) or 4-step LoRA
     filename_prefix: str = "video/FlashPortrait"
 
 
@@ -169,5 +169,6 @@ def tiny_animation_prompt(video: str, reference: str, seed: int, *, smoothing: f
                "inputs": {"model": ["1", 0], "positive": ["9", 0], "negative": ["9", 1],
                           "clip_vision_output": ["9", 2], "vae": ["4", 0], "reference_image": ["5", 0],
                           "emotion": ["7", 0], "windows": ["8", 0], "seed": seed, "steps": steps, "shift": 5.0,
-                          "max_side": 32, "acceleration": "off", "target_speedup": 0.0}},
+                          "max_side": 32, "acceleration": "off", "target_speedup": 0.0, "sampler": "euler",
+                          "schedule": "published", "resume": "off"}},
     }

@@ -71,8 +71,10 @@ def comfy_server(comfyui_dir: Path, tiny_models_dir: Path, tmp_path_factory: pyt
     """A running ComfyUI server (``.url``, ``.input_dir``, ``.output_dir``, ``.log_path``), stopped at the end."""
     session_dir = tmp_path_factory.mktemp("comfyui")
     try:
+        # Latent previews on, as users run ComfyUI (their websocket messages are tested).
         server = host.start_server(tiny_models_dir, session_dir / "input", session_dir / "output",
-                                   session_dir / "temp", comfyui_dir=comfyui_dir)
+                                   session_dir / "temp", comfyui_dir=comfyui_dir,
+                                   extra_args=["--preview-method", "latent2rgb"])
     except host.HostError as error:
         pytest.fail(str(error), pytrace=False)
     try:

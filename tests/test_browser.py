@@ -315,6 +315,8 @@ async def _run_browser(server_url: str, workflows: list[Path], out_dir: Path, br
                 return false;
             })()""", timeout=90)
             assert ready, "the front-end did not load the pack's extension:\n" + "\n".join(tools.console[-20:])
+            results["registered"] = await tools.evaluate(
+                "Object.keys(LiteGraph.registered_node_types).filter((t) => t.startsWith('FlashPortrait'))")
             await tools.evaluate(FIT)
             for path in workflows:
                 workflow = json.loads(path.read_text())
@@ -329,6 +331,11 @@ async def _run_browser(server_url: str, workflows: list[Path], out_dir: Path, br
                 if path.stem == "flashportrait_basic":
                     results[path.name]["hints"] = await tools.evaluate(HINTS)
                     results[path.name]["saved"] = await tools.evaluate(SAVED)
+                if path.stem == "flashportrait_edit":
+                    await tools.evaluate('window.flashportraitFit(["FlashPortraitEditExpressions", '
+                                         '"FlashPortraitSaveExpressions", "FlashPortraitEvaluate"])')
+                    results[path.name]["edit_nodes"] = _save_screenshot(
+                        await tools.screenshot(), path.stem + "_nodes.png", out_dir)
                 if path.stem == "flashportrait_fast":
                     results[path.name]["solver_hints"] = await tools.evaluate(SOLVER_HINTS)
                     sampler = next(n for n in inspected["nodes"] if n["type"] == "FlashPortraitSampler")
@@ -378,6 +385,12 @@ def test_workflow_loads_without_missing_nodes(browser_results, name):
     unregistered = [(n["id"], n["type"]) for n in inspected["nodes"] if not n["registered"]]
     assert unregistered == []
     assert len(inspected["nodes"]) == len(json.loads((REPO_ROOT / "workflows" / name).read_text())["nodes"])
+
+
+def test_every_pack_node_is_in_the_node_library(browser_results, comfy_object_info):
+    # Nodes no shipped workflow uses (Combine, Retime, Load Expressions, ...) are there for the user too.
+    assert sorted(browser_results["registered"]) == sorted(t for t in comfy_object_info if t.startswith("FlashPortrait"))
+    assert browser_results["flashportrait_edit.json"]["edit_nodes"].is_file()
 
 
 @pytest.mark.parametrize("name", [p.name for p in WORKFLOWS])
@@ -457,5 +470,5 @@ def test_preview_widgets_are_neither_saved_as_values_nor_queued(browser_results)
     assert saved["windows"]["widgets_values"] == [51, 30]
     assert saved["windows"]["properties"]["preview_frames"] == 777  # kept with the workflow, front-end only
     assert saved["windows"]["inputs"] == {"window_length": 51, "overlap": 30}
-    assert saved["sampler"]["widgets_values"] == [42, "fixed", 30, 5.0, 720, "quality", 0.0, "euler"]
+    assert saved["sampler"]["widgets_values"] == [42, "fixed", 30, 5.0, 720, "off", 0.0, "euler", "published", "off", 1.0]
     assert "alp_report" not in saved["sampler"]["inputs"]

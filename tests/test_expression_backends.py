@@ -1,4 +1,5 @@
-"""Face backend choice: insightface pack discovery and its errors, `auto`, and the SCRFD output decoding.
+"""Face backend choice: insightface pack and FlashPortrait face file discovery and their errors, `auto`, and the
+SCRFD output decoding.
 
 Discovery, errors and the post-processing arithmetic are tested here; tests/test_insightface_runtime.py runs
 the backend through onnxruntime on insightface-format files.
@@ -87,7 +88,7 @@ def test_explicit_choices(tmp_path: Path, with_onnxruntime) -> None:
     choice = resolve_face_backend("insightface", [tmp_path])
     assert (choice.name, choice.detector_path, choice.description) == (
         "insightface", str(detector), "insightface (buffalo_l/det_10g.onnx)")
-    with pytest.raises(ValueError, match="auto, mediapipe, insightface"):
+    with pytest.raises(ValueError, match="auto, flashportrait, mediapipe, insightface"):
         resolve_face_backend("dlib", [tmp_path])
 
 
@@ -159,3 +160,58 @@ def test_follower_keeps_one_face_and_reacquires() -> None:
         assert follower.choose([big]) is None
     assert follower.choose([big]) is None  # away long enough: forgotten
     assert follower.choose([big]) == 0
+
+
+def _face_files(folder: Path, which: tuple[str, ...] = ("face_det.onnx", "face_landmark.onnx")) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in which:
+        (folder / name).write_bytes(b"stand-in file: discovery only reads names")
+    return folder
+
+
+def test_auto_prefers_the_flashportrait_face_files(tmp_path: Path, with_onnxruntime) -> None:
+    insightface = tmp_path / "insightface"
+    _pack(insightface, "buffalo_l", "det_10g.onnx")
+    weights = _face_files(tmp_path / "flashportrait")
+    chosen = resolve_face_backend("auto", [insightface], flashportrait_folders=[weights])
+    assert (chosen.name, chosen.description) == (
+        "flashportrait", "flashportrait (face_det.onnx + face_landmark.onnx), chosen by auto")
+    assert chosen.face_files.detector == weights / "face_det.onnx"
+    assert chosen.face_files.landmarks == weights / "face_landmark.onnx"
+    explicit = resolve_face_backend("flashportrait", flashportrait_folders=[weights])
+    assert explicit.description == "flashportrait (face_det.onnx + face_landmark.onnx)"
+    # Without the flashportrait folders (e.g. a caller that has none) auto keeps its other choices.
+    assert resolve_face_backend("auto", [insightface]).name == "insightface"
+
+
+def test_auto_falls_back_when_a_face_file_is_missing(tmp_path: Path, with_onnxruntime) -> None:
+    weights = _face_files(tmp_path / "flashportrait", ("face_det.onnx",))
+    insightface = tmp_path / "insightface"
+    fallback = resolve_face_backend("auto", [insightface], flashportrait_folders=[weights])
+    assert fallback.name == "mediapipe"
+    assert fallback.description == ("mediapipe, chosen by auto (FlashPortrait face files incomplete; insightface "
+                                    "model pack not found)")
+    _pack(insightface, "buffalo_l", "det_10g.onnx")
+    assert resolve_face_backend("auto", [insightface], flashportrait_folders=[weights]).name == "insightface"
+    with pytest.raises(FileNotFoundError, match="face_landmark.onnx is missing beside the other in"):
+        resolve_face_backend("flashportrait", flashportrait_folders=[weights])
+    with pytest.raises(FileNotFoundError, match="put face_det.onnx and face_landmark.onnx from the FlashPortrait "
+                                                "download in"):
+        resolve_face_backend("flashportrait", flashportrait_folders=[tmp_path / "empty"])
+    with pytest.raises(FileNotFoundError, match="no flashportrait model folder to search"):
+        resolve_face_backend("flashportrait")
+
+
+def test_flashportrait_without_onnxruntime(tmp_path: Path, without_onnxruntime) -> None:
+    weights = _face_files(tmp_path / "flashportrait")
+    with pytest.raises(ImportError, match=r"with onnxruntime: pip install onnxruntime \(or onnxruntime-gpu"):
+        resolve_face_backend("flashportrait", flashportrait_folders=[weights])
+    choice = resolve_face_backend("auto", flashportrait_folders=[weights])
+    assert choice.name == "mediapipe" and "the flashportrait face backend runs face_det.onnx" in choice.description
+
+
+def test_flashportrait_without_opencv(tmp_path: Path, hide_module) -> None:
+    weights = _face_files(tmp_path / "flashportrait")
+    hide_module("cv2")
+    with pytest.raises(ImportError, match="needs OpenCV for its crops: pip install opencv-python-headless"):
+        resolve_face_backend("flashportrait", flashportrait_folders=[weights])

@@ -1,6 +1,7 @@
 """The expression nodes in-process: the file node's path handling, fingerprint and outputs; the frames node."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -161,3 +162,52 @@ def test_insightface_pack_runs_through_the_nodes(tmp_path: Path, input_dir: Path
                                                                    draw_landmarks=False).result
     changed = (with_landmarks != without).any(dim=-1)
     assert 50 < int(changed[0].sum()) <= 106 * 9  # the 106 dots (some may coincide or sit under the 5 points)
+
+
+def test_flashportrait_face_files_run_through_the_nodes(tmp_path: Path, input_dir: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """FlashPortrait's face files (in their published layout, tests/tiny_flashportrait_faces.py) beside pd_fpg.pth
+    in models/flashportrait: the loader's `auto` picks them, a whole real driving video is extracted with them,
+    the report names the backend and its files, and Preview Faces draws their 222 landmarks."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from tiny_flashportrait_faces import write_skin_face_files
+
+    weights = tmp_path / "models" / "flashportrait"
+    weights.mkdir(parents=True)
+    write_skin_face_files(weights)
+    torch.save(random_fan_encoder_state_dict(seed=5), weights / "pd_fpg.pth")
+    monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path / "models"))
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "flashportrait",
+                        ([str(weights)], set(folder_paths.supported_pt_extensions)))
+    (model,) = pack.nodes.loaders.FlashPortraitExpressionModelLoader.execute(expression_encoder="pd_fpg.pth",
+                                                                             face_backend="auto").result
+    described = "flashportrait (face_det.onnx + face_landmark.onnx), chosen by auto"
+    assert (model.backend.name, model.backend.description) == ("flashportrait", described)
+    # The whole video: the faces are what is tested here, so a small stand-in encodes them (the FanEncoder
+    # costs seconds a frame on this CPU).
+    from small_encoder import SmallEncoder
+
+    shutil.copy(DRIVING / "lp_d0.mp4", input_dir / "talking.mp4")
+    expressions, fps, frame_count, report = expressions_nodes.FlashPortraitExtractExpressionsFromVideo.execute(
+        video="talking.mp4", expression_model=dataclasses.replace(model, encoder=SmallEncoder()), batch_size=16,
+        max_frames=0, smoothing=0.5, target_fps=0.0, path="").result
+    assert (fps, frame_count) == (25.0, 78)
+    assert report == ("talking.mp4: 78 frames, face found in 78, 0 filled by interpolation; 25 fps; points smoothed "
+                      "by the published 222-landmark filter (the smoothing setting is for the other face backends); "
+                      f"faces: {described}")
+    assert expressions.features.shape == (78, 554) and bool(torch.isfinite(expressions.features).all())
+    assert expressions.landmarks.shape == (78, 222, 2) and bool(torch.isfinite(expressions.landmarks).all())
+    # No filter of ours on top: the alignment points are the published landmarks 182, 202, 36, 149, 133.
+    torch.testing.assert_close(expressions.points, expressions.landmarks[:, [182, 202, 36, 149, 133]])
+    # The face is the person's (about the middle of the 512 x 512 frame), held steady.
+    centres = (expressions.boxes[:, :2] + expressions.boxes[:, 2:]) / 2
+    assert bool(((centres - torch.tensor([256.0, 285.0])).abs() < 40).all())
+    assert float((expressions.points[1:] - expressions.points[:-1]).norm(dim=-1).mean()) < 1.0
+    frames, _ = read_video_frames(DRIVING / "lp_d0.mp4", max_frames=2)
+    with_landmarks, = expressions_nodes.FlashPortraitPreviewFaces.execute(driving_frames=frames,
+                                                                          expressions=expressions).result
+    without, = expressions_nodes.FlashPortraitPreviewFaces.execute(driving_frames=frames, expressions=expressions,
+                                                                   draw_landmarks=False).result
+    changed = (with_landmarks != without).any(dim=-1)
+    assert 150 < int(changed[0].sum()) <= 222  # one-pixel dots at 512 pixels (some coincide or sit under points)

@@ -62,7 +62,7 @@ def test_reports_show_windows_and_extraction(basic_run):
         if "text" in output:
             texts[prompt[node_id]["_meta"]["title"]] = "".join(output["text"])
     sampler_report = texts["Sampler report"]
-    assert sampler_report.startswith("4 window(s) x 3 steps, 24 DiT passes")
+    assert sampler_report.startswith("4 window(s) x 3 steps (euler), 24 DiT passes (posi+no_emo per window step)")
     assert "window 3: latent frames 5-8, 6 DiT passes" in sampler_report
     assert texts["Extraction report"].startswith("34 frames, face found in 34")
 

@@ -109,8 +109,8 @@ def test_reports_show_full_and_accelerated_pass_counts(compare_run):
     prompt, entry = compare_run
     texts = _texts(prompt, entry)
     full, fast = texts["Full sampler report"], texts["Accelerated sampler report"]
-    full_passes = int(re.match(rf"1 window\(s\) x {STEPS} steps, (\d+) DiT passes", full).group(1))
-    fast_passes = int(re.match(rf"1 window\(s\) x {STEPS} steps, (\d+) DiT passes", fast).group(1))
+    full_passes = int(re.match(rf"1 window\(s\) x {STEPS} steps \(euler\), (\d+) DiT passes", full).group(1))
+    fast_passes = int(re.match(rf"1 window\(s\) x {STEPS} steps \(euler\), (\d+) DiT passes", fast).group(1))
     assert "skipped" not in full
     computed, skipped = map(int, re.search(r"ALP: (\d+) steps computed, (\d+) skipped", fast).groups())
     assert computed + skipped == STEPS and skipped > 0

@@ -165,7 +165,7 @@ def test_sampler_four_step_lora_path_runs_four_steps_with_the_lora(tiny_setup, t
     (with_lora,) = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, CONVERTED_NAME, 1.0)
     latents, report = _run_sampler(with_lora, tiny_vae)
     # 1 window of 4 latent frames x 4 steps x 2 guided passes (emotion CFG), ALP off.
-    assert report.splitlines()[0].startswith("1 window(s) x 4 steps, 8 DiT passes")
+    assert report.splitlines()[0].startswith("1 window(s) x 4 steps (euler), 8 DiT passes")
     assert "ALP off; steps=30 and schedule" in report and "carries no LoRA" not in report
     plain, plain_report = _run_sampler(model, tiny_vae)
     assert "carries no LoRA" in plain_report
@@ -176,8 +176,8 @@ def test_sampler_adams2_costs_the_same_passes_and_refuses_alp(tiny_setup, tiny_v
     model, _, _ = tiny_setup
     euler, euler_report = _run_sampler(model, tiny_vae, acceleration="off", steps=4)
     adams, adams_report = _run_sampler(model, tiny_vae, acceleration="off", steps=4, sampler="adams2")
-    assert euler_report.splitlines()[0].startswith("1 window(s) x 4 steps, 8 DiT passes")
-    assert adams_report.splitlines()[0].startswith("1 window(s) x 4 steps, 8 DiT passes")
+    assert euler_report.splitlines()[0].startswith("1 window(s) x 4 steps (euler), 8 DiT passes")
+    assert adams_report.splitlines()[0].startswith("1 window(s) x 4 steps (adams2), 8 DiT passes")
     assert not torch.allclose(euler, adams)
     with pytest.raises(ValueError, match="do not combine"):
         _run_sampler(model, tiny_vae, acceleration="quality", steps=4, sampler="adams2")

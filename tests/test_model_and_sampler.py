@@ -6,7 +6,6 @@ import torch
 
 from flashportrait_core.checkpoints import load_state_dict
 from flashportrait_core.conditioning.emotion_conditioning import EmotionConditioning
-from flashportrait_core.sampling.windows import plan_windows
 from pack import import_pack
 from tiny_nodes import tiny_folders, tiny_model, tiny_vae  # noqa: F401 (fixtures)
 
@@ -17,7 +16,6 @@ from flashportrait_pack.flashportrait_core.checkpoints import CheckpointError  #
 loaders = pack.nodes.loaders
 conditioning_nodes = pack.nodes.conditioning
 wan_runner = pack.nodes.wan_runner
-alp_core = pack.flashportrait_core.sampling.alp
 windows_node = pack.nodes.windows
 
 
@@ -67,18 +65,19 @@ def _emotion(num_latent, ip_scale=1.0, emo_cfg=4.0, text_cfg=1.0, seed=0):
                                text_cfg=text_cfg)
 
 
-def _sample(model, vae, emotion, seed=7, steps=3, length=4, overlap=2, alp=None):
+def _sample(model, vae, emotion, seed=7, steps=3, length=4, overlap=2, acceleration="off"):
     positive, negative, clip_output = conditioning_nodes.FlashPortraitLoadConditioning.execute(
         "tiny_prompt.safetensors").result
     reference = torch.rand(1, 40, 30, 3, generator=torch.Generator().manual_seed(1))
-    plan = plan_windows(emotion.num_latent_frames, length, overlap)
-    height, width = wan_runner.generation_size(40, 30, 32)
-    return wan_runner.run_flashportrait_sampling(model, vae, positive[0][0], negative[0][0], clip_output,
-                                                 reference, emotion, plan, seed, steps, 5.0, height, width, alp)
+    windows = windows_node.WindowSettings(length, overlap)
+    latents, report, _ = pack.nodes.sampler.FlashPortraitSampler.sample(
+        model, positive, negative, clip_output, vae, reference, emotion, windows, seed, steps, 5.0, 32, acceleration)
+    return latents, report
 
 
 class CountingModel:
-    """Counts real calls of the Wan model's apply_model, independently of the sampler's bookkeeping."""
+    """Counts the DiT passes the Wan model really ran (batch entries of apply_model: ComfyUI batches the guided
+    passes of a window into one call when memory allows), independently of the sampler's bookkeeping."""
 
     def __init__(self, model_patcher):
         self.calls = 0
@@ -86,9 +85,9 @@ class CountingModel:
         self.original = self.inner.apply_model
 
     def __enter__(self):
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return self.original(*args, **kwargs)
+        def counted(x, *args, **kwargs):
+            self.calls += x.shape[0]
+            return self.original(x, *args, **kwargs)
 
         self.inner.apply_model = counted
         return self
@@ -105,7 +104,7 @@ def test_sampler_runs_windows_and_reports_true_pass_counts(tiny_model, tiny_vae)
     assert torch.isfinite(latents).all()
     assert report.windows == [(0, 4), (2, 6), (3, 7)]
     assert sum(report.model_passes) == counter.calls == 3 * 3 * 2  # windows x steps x (posi, no_emo)
-    assert "3 window(s)" in report.text()
+    assert "3 window(s)" in report.text() and "ALP" not in report.text()
 
 
 def test_sampler_is_deterministic_and_responds_to_expressions(tiny_model, tiny_vae):
@@ -135,17 +134,10 @@ def test_window_node_refuses_overlap_not_below_length():
     assert windows_node.FlashPortraitWindows.validate_inputs(5, 4) is True
 
 
-def test_alp_off_is_bit_identical_to_the_plain_sampler(tiny_model, tiny_vae):
-    plain, _ = _sample(tiny_model, tiny_vae, _emotion(5))
-    off, report = _sample(tiny_model, tiny_vae, _emotion(5), alp=alp_core.preset("off"))
-    assert torch.equal(plain, off)
-    assert "ALP" not in report.text()
-
-
 def test_alp_skips_passes_and_reports_the_true_count(tiny_model, tiny_vae):
     steps = 12
     with CountingModel(tiny_model) as counter:
-        fast, report = _sample(tiny_model, tiny_vae, _emotion(7), steps=steps, alp=alp_core.preset("fast"))
+        fast, report = _sample(tiny_model, tiny_vae, _emotion(7), steps=steps, acceleration="fast")
     assert counter.calls == sum(report.model_passes)
     full_passes = 3 * steps * 2  # windows x steps x guided passes
     assert counter.calls < full_passes / 2
@@ -155,7 +147,7 @@ def test_alp_skips_passes_and_reports_the_true_count(tiny_model, tiny_vae):
         assert passes == 2 * counts["computed"]  # each computed step runs both guided passes
         assert counts["computed_steps"][0] == 0 and counts["computed_steps"][-1] == steps - 1
     assert "skipped" in report.text() and torch.isfinite(fast).all()
-    again, _ = _sample(tiny_model, tiny_vae, _emotion(7), steps=steps, alp=alp_core.preset("fast"))
+    again, _ = _sample(tiny_model, tiny_vae, _emotion(7), steps=steps, acceleration="fast")
     assert torch.equal(fast, again)
     # The layer-aware dial saw block outputs from the patched blocks at computed steps.
     assert any(state.layer_ratios for state in report.alp_states)

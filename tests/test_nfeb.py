@@ -118,15 +118,9 @@ def _block_inputs(dim, frames=3, per_frame=4, tokens=6, token_dim=32, batch=2, s
 
 
 def _run_patched(block, x, e, freqs, context, emotion):
-    patch = wan_patch.EmotionBlockPatch(block, 0)
+    """The block as ComfyUI's Wan model calls it, with a pass's options (emotion tokens or none)."""
     options = {wan_patch.EMOTION_OPTIONS_KEY: emotion} if emotion is not None else {}
-
-    def original(args):
-        return {"img": block(args["img"], context=args["txt"], e=args["vec"], freqs=args["pe"],
-                             context_img_len=257, transformer_options=args["transformer_options"])}
-
-    args = {"img": x, "txt": context, "vec": e, "pe": freqs, "transformer_options": options}
-    return patch(args, {"original_block": original})["img"]
+    return block(x, e=e, freqs=freqs, context=context, context_img_len=257, transformer_options=options)
 
 
 @torch.no_grad()
@@ -136,7 +130,7 @@ def test_ip_scale_zero_is_exactly_the_plain_wan_block():
     plain = block(x, e=e, freqs=freqs, context=context, context_img_len=257)
     zero = _run_patched(block, x, e, freqs, context, wan_patch.EmotionPass(tokens, 0.0))
     assert torch.equal(plain, zero)
-    assert not hasattr(block.cross_attn, "forward") or "forward" not in vars(block.cross_attn)
+    assert isinstance(block.cross_attn, wan_patch.EmotionI2VCrossAttention)  # the loader's permanent subclass
 
 
 @torch.no_grad()
@@ -189,3 +183,33 @@ def test_frame_count_mismatch_is_a_clear_error():
     q = torch.randn(1, 10, 8)
     with pytest.raises(ValueError, match="latent frames"):
         frame_local_attention(q, torch.randn(1, 3, 5, 8), torch.randn(1, 3, 5, 8), heads=1)
+
+
+@torch.no_grad()
+def test_batched_passes_equal_the_passes_run_alone():
+    """ComfyUI batches a window's guided passes (posi at ip_scale, no_emo at 0) into one call: each batch entry
+    gets its pass's strength, and the ip_scale-0 entry is the plain Wan block."""
+    block, _ = _random_block()
+    x, e, freqs, context, tokens = _block_inputs(256, batch=1)
+    posi_alone = _run_patched(block, x, e, freqs, context, wan_patch.EmotionPass(tokens, 0.7))
+    plain = block(x, e=e, freqs=freqs, context=context, context_img_len=257)
+    options = {wan_patch.EMOTION_OPTIONS_KEY: wan_patch.EmotionPass(tokens, (0.7, 0.0)),
+               "cond_or_uncond": [1, 0]}  # ComfyUI may put the passes in either order
+    out = block(torch.cat([x, x]), e=torch.cat([e, e]), freqs=freqs, context=torch.cat([context, context]),
+                context_img_len=257, transformer_options=options)
+    assert torch.allclose(out[1:], posi_alone, atol=1e-5, rtol=1e-5)  # entry 1 is pass 0 (posi)
+    assert torch.allclose(out[:1], plain, atol=1e-5, rtol=1e-5)  # entry 0 is pass 1 (no_emo, ip_scale 0)
+
+
+def test_frame_local_attention_through_comfyuis_attention_equals_the_direct_form():
+    """The emotion attention runs through ComfyUI's optimized_attention (whatever backend the host chose); on this
+    CPU it gives the direct softmax attention's result."""
+    from comfy.ldm.modules.attention import optimized_attention
+
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = torch.randn(2, 3 * 16, 64, generator=gen), torch.randn(2, 3, 97, 64, generator=gen), \
+        torch.randn(2, 3, 97, 64, generator=gen)
+    direct = frame_local_attention(q, k, v, heads=4)
+    host = frame_local_attention(q, k, v, 4, lambda a, b, c, heads: optimized_attention(a, b, c, heads=heads))
+    assert torch.allclose(host, direct, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(direct.double(), naive_frame_local_attention(q, k, v, 4), atol=1e-5)

@@ -1,9 +1,10 @@
 """Flow-matching schedule and the windowed sampling loop."""
 from __future__ import annotations
 
+import pytest
 import torch
 
-from flashportrait_core.sampling.guidance import combine_guidance, guidance_passes
+from flashportrait_core.sampling.guidance import PASSES, combine_guidance, guidance_passes
 from flashportrait_core.sampling.loop import sample_flow_windows
 from flashportrait_core.sampling.schedules import simple_sigmas
 from flashportrait_core.sampling.windows import plan_windows
@@ -14,7 +15,7 @@ def test_shifted_sigmas():
     assert sigmas.shape == (31,)
     assert sigmas[0] == 1.0 and sigmas[-1] == 0.0
     assert torch.all(sigmas[1:] < sigmas[:-1])
-    t = 1 - 1 / 30
+    t = (1000 - 33) / 1000  # the training level ComfyUI's simple scheduler takes second: 1000 - int(1000 / 30)
     assert torch.isclose(sigmas[1], torch.tensor(5 * t / (1 + 4 * t), dtype=torch.float64))
     assert torch.allclose(simple_sigmas(4, 1.0), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64))
 
@@ -51,12 +52,27 @@ def test_windows_see_their_slices_and_blend_in_order():
     assert out.flatten().tolist() == [-1, -1, -1, -2, -3, -3, -3, -3, -3]
 
 
-def test_guidance_formulas():
-    posi, no_emo, no_cond = torch.tensor(3.0), torch.tensor(2.0), torch.tensor(1.0)
-    preds = {"posi": posi, "no_emo": no_emo, "no_cond": no_cond}
-    assert guidance_passes(4.0, 1.0) == ("posi", "no_emo")
-    assert guidance_passes(4.0, 2.0) == ("posi", "no_emo", "no_cond")
-    assert guidance_passes(1.0, 2.0) == ("posi",)
-    assert combine_guidance(preds, 4.0, 1.0).item() == 2.0 + 4.0 * 1.0
-    assert combine_guidance(preds, 4.0, 2.0).item() == 1.0 + 2.0 * 1.0 + 4.0 * 1.0
-    assert combine_guidance(preds, 1.0, 1.0).item() == 3.0
+@pytest.mark.parametrize("emo_cfg, text_cfg, passes", [
+    (4.0, 1.0, ("posi", "no_emo")),
+    (4.0, 2.0, ("posi", "no_emo", "no_cond")),
+    (1.0, 2.0, ("posi", "no_text")),
+    (1.0, 1.0, ("posi",)),
+])
+def test_guidance_branches_as_published(emo_cfg, text_cfg, passes):
+    predictions = {"posi": torch.tensor(3.0), "no_emo": torch.tensor(2.0), "no_cond": torch.tensor(1.0),
+                   "no_text": torch.tensor(0.5)}
+    assert guidance_passes(emo_cfg, text_cfg) == passes
+    expected = {  # written out from the published loop, branch by branch
+        ("posi", "no_emo"): 2.0 + emo_cfg * (3.0 - 2.0),
+        ("posi", "no_emo", "no_cond"): 1.0 + text_cfg * (2.0 - 1.0) + emo_cfg * (3.0 - 2.0),
+        ("posi", "no_text"): 0.5 + text_cfg * (3.0 - 0.5),
+        ("posi",): 3.0,
+    }[passes]
+    assert combine_guidance({name: predictions[name] for name in passes}, emo_cfg, text_cfg).item() == expected
+
+
+def test_guidance_passes_read_the_published_prompts_and_emotion():
+    assert (PASSES["posi"].negative_prompt, PASSES["posi"].emotion) == (False, True)
+    assert (PASSES["no_emo"].negative_prompt, PASSES["no_emo"].emotion) == (False, False)
+    assert (PASSES["no_cond"].negative_prompt, PASSES["no_cond"].emotion) == (True, False)
+    assert (PASSES["no_text"].negative_prompt, PASSES["no_text"].emotion) == (True, True)  # ip_scale as set

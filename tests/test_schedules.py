@@ -45,9 +45,11 @@ def test_published_grid_formula_at_other_shifts():
         assert value == pytest.approx(shifted(1 + i * (sigma_min - 1) / 9, 3.0), rel=1e-12)
 
 
-def test_simple_grid_is_comfyuis_shifted_linspace():
+def test_simple_grid_takes_every_nth_training_level():
     sigmas = simple_sigmas(30, 5.0)
-    assert sigmas[-3:].tolist() == pytest.approx([0.2632, 0.1471, 0.0], abs=1e-4)
+    # x = 28, 29: training timesteps 1000 - int(x * 1000 / 30) = 67, 34, shifted.
+    assert sigmas[-3:].tolist() == pytest.approx([shifted(0.067, 5.0), shifted(0.034, 5.0), 0.0], rel=1e-12)
+    assert sigmas[-3:].tolist() == pytest.approx([0.2642, 0.1496, 0.0], abs=1e-4)
     assert torch.equal(schedule_sigmas(SIMPLE, 30, 5.0), sigmas)
     assert torch.allclose(simple_sigmas(4, 1.0), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64))
 
@@ -132,3 +134,29 @@ def test_a_target_never_switches_alp_on_by_itself(target):
 def test_a_target_that_is_no_speedup_is_refused(target):
     with pytest.raises(ValueError, match="target_speedup"):
         resolve_sampling("quality", 30, 5.0, target_speedup=target)
+
+
+@pytest.mark.parametrize("steps", [4, 9, 30, 50])
+def test_grids_equal_comfyuis_normal_and_simple_schedulers(steps):
+    """ComfyUI's ``normal`` scheduler on a shift-5 flow model is the published grid; its ``simple`` is ours."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from pack import import_pack
+
+    import_pack()
+    import comfy.model_sampling
+    import comfy.samplers
+
+    class FlowSampling(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):
+        pass
+
+    class Config:
+        sampling_settings = {"shift": 5.0, "multiplier": 1000}
+
+    model_sampling = FlowSampling(Config())
+    normal = comfy.samplers.calculate_sigmas(model_sampling, "normal", steps).double()
+    simple = comfy.samplers.calculate_sigmas(model_sampling, "simple", steps).double()
+    assert torch.allclose(normal, published_sigmas(steps, 5.0), atol=1e-6, rtol=0)
+    assert torch.allclose(simple, simple_sigmas(steps, 5.0), atol=1e-6, rtol=0)

@@ -15,7 +15,41 @@ pytestmark = pytest.mark.graph
 
 def test_workflows_are_shipped():
     assert [p.name for p in WORKFLOWS] == ["flashportrait_basic.json", "flashportrait_compare.json",
-                                           "flashportrait_fast.json", "flashportrait_long.json"]
+                                           "flashportrait_edit.json", "flashportrait_fast.json",
+                                           "flashportrait_long.json", "flashportrait_native.json"]
+
+
+def test_basic_workflow_runs_the_published_settings(comfy_object_info):
+    import json
+
+    workflow = json.loads((WORKFLOWS[0].parent / "flashportrait_basic.json").read_text())
+    prompt = comfy_client.ui_to_api(workflow, comfy_object_info)
+    by_type = {node["class_type"]: node["inputs"] for node in prompt.values()}
+    sampler = by_type["FlashPortraitSampler"]
+    assert {k: sampler[k] for k in ("steps", "shift", "max_side", "acceleration", "schedule", "sampler")} == {
+        "steps": 30, "shift": 5.0, "max_side": 720, "acceleration": "off", "schedule": "published",
+        "sampler": "euler"}
+    assert {k: by_type["FlashPortraitEmotionConditioning"][k] for k in ("ip_scale", "emo_cfg", "text_cfg")} == {
+        "ip_scale": 1.0, "emo_cfg": 4.0, "text_cfg": 1.0}
+    assert by_type["FlashPortraitWindows"] == {"window_length": 51, "overlap": 30}
+
+
+def test_native_workflow_drives_the_guider_with_comfyuis_sampling(comfy_object_info):
+    import json
+
+    workflow = json.loads((WORKFLOWS[0].parent / "flashportrait_native.json").read_text())
+    prompt = comfy_client.ui_to_api(workflow, comfy_object_info)
+    (sampler_id, advanced), = [(i, n) for i, n in prompt.items() if n["class_type"] == "SamplerCustomAdvanced"]
+    source = {name: prompt[link[0]] for name, link in advanced["inputs"].items()}
+    assert source["guider"]["class_type"] == "FlashPortraitGuider"
+    assert source["latent_image"]["class_type"] == "FlashPortraitGuider"  # its empty video latent
+    assert source["sampler"]["inputs"] == {"sampler_name": "euler"}
+    assert source["sigmas"]["class_type"] == "FlashPortraitSchedule"
+    assert source["sigmas"]["inputs"] == {"schedule": "published", "steps": 30, "shift": 5.0, "denoise": 1.0}
+    assert source["noise"]["class_type"] == "RandomNoise"
+    decode = next(n for n in prompt.values() if n["class_type"] == "VAEDecode")
+    assert decode["inputs"]["samples"] == [sampler_id, 0]
+    assert "FlashPortraitSampler" not in {n["class_type"] for n in prompt.values()}
 
 
 @pytest.mark.parametrize("unmute", [False, True], ids=["as-shipped", "muted-nodes-enabled"])

@@ -30,25 +30,50 @@ const valueOf = (node, name) => widgetOf(node, name)?.value;
 // Input hints: [{level: "warn" | "error", text}] per node type, shown before the prompt reaches the server.
 // ---------------------------------------------------------------------------------------------------------
 
+// A target speed-up applies to an ALP preset only; below or at 1 it is no speed-up.
+function targetHints(node) {
+  const hints = [];
+  const speedup = Number(valueOf(node, "target_speedup"));
+  const acceleration = valueOf(node, "acceleration");
+  if (speedup > 0 && (acceleration === "off" || acceleration === FOUR_STEP_LORA)) {
+    hints.push({ level: "error", text: `target_speedup ${speedup} needs an ALP preset (quality, balanced or fast), not '${acceleration}'` });
+  } else if (speedup > 0 && speedup <= 1) {
+    hints.push({ level: "error", text: `target_speedup ${speedup} is no speed-up: set it above 1, or 0 for the preset` });
+  }
+  return hints;
+}
+
+function maxSideHints(node) {
+  const maxSide = Number(valueOf(node, "max_side"));
+  if (!Number.isFinite(maxSide) || maxSide % SIDE_MULTIPLE === 0) return [];
+  const rounded = Math.ceil(maxSide / SIDE_MULTIPLE) * SIDE_MULTIPLE;
+  return [{ level: "warn", text: `max_side ${maxSide} is not a multiple of 16: sides are rounded up to ${rounded}` }];
+}
+
+// The samplers (KSamplerSelect) of the SamplerCustomAdvanced nodes a guider feeds.
+function samplersFedBy(node) {
+  const names = [];
+  for (const linkId of node.outputs?.[0]?.links ?? []) {
+    const links = app.graph?.links;
+    const link = typeof links?.get === "function" ? links.get(linkId) : links?.[linkId];
+    const consumer = link && app.graph.getNodeById(link.target_id);
+    if (consumer?.comfyClass !== "SamplerCustomAdvanced") continue;
+    const select = consumer.getInputNode?.(consumer.findInputSlot("sampler"));
+    const name = select && valueOf(select, "sampler_name");
+    if (name) names.push(name);
+  }
+  return names;
+}
+
 const HINT_RULES = {
   FlashPortraitSampler(node) {
-    const hints = [];
-    const maxSide = Number(valueOf(node, "max_side"));
-    if (Number.isFinite(maxSide) && maxSide % SIDE_MULTIPLE !== 0) {
-      const rounded = Math.ceil(maxSide / SIDE_MULTIPLE) * SIDE_MULTIPLE;
-      hints.push({ level: "warn", text: `max_side ${maxSide} is not a multiple of 16: sides are rounded up to ${rounded}` });
-    }
-    const speedup = Number(valueOf(node, "target_speedup"));
-    if (speedup > 0 && speedup < 1) {
-      hints.push({ level: "error", text: `target_speedup ${speedup} is below 1: use 0 for the preset or a value of 1 or more` });
-    }
+    const hints = [...maxSideHints(node), ...targetHints(node)];
     // The sampler checks these only when it runs, after the models are loaded: say so before queueing.
     const acceleration = valueOf(node, "acceleration");
     const solver = valueOf(node, "sampler") ?? "euler";
     const fourStep = acceleration === FOUR_STEP_LORA;
-    if (solver !== "euler" && (fourStep || acceleration !== "off" || speedup >= 1)) {
-      const what = fourStep ? `acceleration '${FOUR_STEP_LORA}'` : speedup >= 1 ? `target_speedup ${speedup}` : `acceleration '${acceleration}'`;
-      hints.push({ level: "error", text: `sampler ${solver} does not combine with ${what}: set sampler to euler or acceleration to off` });
+    if (solver !== "euler" && acceleration !== "off") {
+      hints.push({ level: "error", text: `sampler ${solver} does not combine with acceleration '${acceleration}': set sampler to euler or acceleration to off` });
     }
     if (solver === "adams3" && !fourStep && Number(valueOf(node, "steps")) < 8) {
       hints.push({ level: "error", text: "sampler adams3 needs at least 8 steps" });
@@ -58,6 +83,15 @@ const HINT_RULES = {
       if (model && !/lora/i.test(model.comfyClass ?? "")) {
         hints.push({ level: "warn", text: `${FOUR_STEP_LORA} without a LoRA loader before the model: 4 steps give a blurred result` });
       }
+    }
+    return hints;
+  },
+  FlashPortraitGuider(node) {
+    const hints = [...maxSideHints(node), ...targetHints(node)];
+    const acceleration = valueOf(node, "acceleration");
+    const others = samplersFedBy(node).filter((name) => name !== "euler");
+    if (acceleration !== "off" && others.length) {
+      hints.push({ level: "error", text: `ALP ('${acceleration}') runs only with the euler sampler, not ${others.join(", ")}: choose euler in KSamplerSelect or set acceleration to off` });
     }
     return hints;
   },
@@ -300,7 +334,7 @@ function addSamplerReportWidget(node) {
     skippedBar.style.width = `${(100 * counts.steps_skipped) / Math.max(1, total)}%`;
     container.dataset.stepsComputed = String(counts.steps_computed);
     container.dataset.stepsSkipped = String(counts.steps_skipped);
-    // The Windows node feeding this sampler now previews the real frame count.
+    // The Windows node feeding this sampler (or guider) now previews the real frame count.
     const windowsNode = node.getInputNode?.(node.findInputSlot("windows"));
     if (counts.latent_frames && windowsNode?.flashportraitSetPreviewFrames) {
       windowsNode.flashportraitSetPreviewFrames((counts.latent_frames - 1) * 4 + 1);
@@ -321,9 +355,16 @@ app.registerExtension({
     node.badges.push(new LGraphBadge({ text: BADGE_TEXT, bgColor: BADGE_BG, fgColor: "#ffffff" }));
     node.badges.push(() => hintBadge(node));
     if (node.comfyClass === "FlashPortraitWindows") addWindowPlanWidget(node);
-    if (node.comfyClass === "FlashPortraitSampler") addSamplerReportWidget(node);
+    if (node.comfyClass === "FlashPortraitSampler" || node.comfyClass === "FlashPortraitGuider") {
+      addSamplerReportWidget(node);
+    }
   },
   setup() {
+    // SamplerCustomAdvanced returns latents only: the guider sends its report to its own node after a run.
+    api.addEventListener("flashportrait.report", (event) => {
+      const node = app.graph?.getNodeById?.(Number(event.detail?.node)) ?? app.graph?.getNodeById?.(event.detail?.node);
+      node?.onExecuted?.(event.detail.output);
+    });
     // Hints are shown before the prompt is queued; the server still refuses what it cannot run.
     const queuePrompt = app.queuePrompt.bind(app);
     app.queuePrompt = async function (...args) {

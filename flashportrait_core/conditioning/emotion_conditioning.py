@@ -1,9 +1,14 @@
-"""Expression features -> the emotion conditioning the sampler consumes, one token window per latent frame.
+"""Expression features -> the emotion conditioning the sampler consumes, one token set per latent frame of a window.
 
-The conditioning keeps the driving features ([T, 554], 2.2 KB per frame) and the portrait encoder, and encodes
-the tokens of a window of latent frames when the sampler asks for it: only the ~4 video frames per latent frame
-that the window reads (``emotion_tokens.latent_frame_video_span``). Holding the tokens of the whole video
-instead would take 97 x D floats per latent frame (0.8 MB at the published D = 2048), growing with the video.
+As published (``pipeline_wan_long.py``), each sliding window is conditioned on its own frames: a window over
+latent frames s..e-1 takes the features of video frames 4s .. 4(e-1), encodes them with the portrait encoder and
+splits them over that window's own frame count (``emotion_tokens.emotion_tokens_per_latent_frame``). So every
+window's local latent frame 0 holds the 24 tokens of video frame 4s and 73 zeros, exactly like latent frame 0 of
+the whole video, and its other latent frames hold 97 real tokens.
+
+The conditioning keeps the driving features ([T, 554], 2.2 KB per frame) and the portrait encoder, and encodes a
+window's tokens when the sampler reaches it. Holding the tokens of every window instead would take ~97 x D floats
+per latent frame (0.8 MB at the published D = 2048), growing with the video.
 """
 from __future__ import annotations
 
@@ -11,24 +16,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .emotion_tokens import (
-    emotion_tokens_for_latent_range,
-    emotion_tokens_per_latent_frame,
-    latent_frame_video_span,
-    num_latent_frames,
-    trim_to_4k_plus_1,
-)
+from .emotion_tokens import TEMPORAL_STRIDE, emotion_tokens_per_latent_frame, num_latent_frames, trim_to_4k_plus_1
 from .portrait_encoder import PortraitEncoder, encode_expression_features
 
-#: Frames per encoder batch, on a grid that starts at frame 0. A window encodes the whole grid batches
-#: around its frames, so every frame is computed in the same batch (size and position) as in a whole-video
-#: encode: CPU matmul kernels differ in the last bits between batch shapes, and windows must agree exactly.
+#: Frames per encoder batch, on a grid that starts at frame 0. A window encodes the whole grid batches around
+#: its frames, so every frame is computed in the same batch (size and position) whichever window asks: CPU matmul
+#: kernels differ in the last bits between batch shapes, and overlapping windows must see the same frame tokens.
 ENCODE_BATCH_FRAMES = 32
 
 
 def encode_all_frames(encoder: PortraitEncoder, features: torch.Tensor,
                       output_device: torch.device | str | None = "cpu") -> torch.Tensor:
-    """Frame tokens [T, 24, D] of the whole video, batched on the grid ``encode_latent_frame_range`` uses."""
+    """Frame tokens [T, 24, D] of the whole video, batched on the grid ``encode_window_tokens`` uses."""
     return encode_expression_features(encoder, features, ENCODE_BATCH_FRAMES, output_device)
 
 
@@ -43,20 +42,28 @@ def _encode_grid_batches(encoder: PortraitEncoder, features: torch.Tensor, batch
             for index in batches}
 
 
-def encode_latent_frame_range(encoder: PortraitEncoder, features: torch.Tensor, start: int, end: int,
-                              output_device: torch.device | str | None = "cpu",
-                              batch_cache: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
-    """Token windows [end - start, 97, D] of latent frames [start, end), encoding only the frames they read.
+def window_video_frames(start: int, end: int) -> tuple[int, int]:
+    """Video frames [first, stop) a window over latent frames [start, end) is conditioned on: 4s .. 4(e-1)."""
+    return TEMPORAL_STRIDE * start, TEMPORAL_STRIDE * (end - 1) + 1
 
-    ``features`` [T, 554] with T = 4k + 1. Equals
-    ``emotion_tokens_per_latent_frame(encode_all_frames(encoder, features))[start:end]`` bit for bit.
-    ``batch_cache`` ({grid batch index: frame tokens}), when given, supplies batches encoded before and is left
-    holding exactly this range's batches: overlapping windows visited in turn encode only their new frames.
+
+def encode_window_tokens(encoder: PortraitEncoder, features: torch.Tensor, start: int, end: int,
+                         output_device: torch.device | str | None = "cpu",
+                         batch_cache: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """The published emotion tokens [end - start, 97, D] of a window over latent frames [start, end).
+
+    ``features`` [T, 554] (T = 4k + 1) are the whole video's; the window's video frames 4s .. 4(e-1) are encoded
+    and split over the window's own 4(e - s - 1) + 1 frames. ``batch_cache`` ({grid batch index: frame tokens}),
+    when given, supplies batches encoded before and is left holding exactly this window's batches: overlapping
+    windows visited in turn encode only their new frames.
     """
     if features.ndim != 2:
         raise ValueError(f"expression features must be [frames, 554], got {list(features.shape)}")
-    num_frames = features.shape[0]
-    first, stop = latent_frame_video_span(start, end, num_frames)
+    num_latent = num_latent_frames(features.shape[0])
+    if not 0 <= start < end <= num_latent:
+        raise ValueError(f"latent frame range [{start}, {end}) must be non-empty and within the video's "
+                         f"{num_latent} latent frames (0 <= start < end <= {num_latent})")
+    first, stop = window_video_frames(start, end)
     batches = range(first // ENCODE_BATCH_FRAMES, -(-stop // ENCODE_BATCH_FRAMES))
     encoded = _encode_grid_batches(encoder, features, batches, batch_cache or {}, output_device)
     if batch_cache is not None:
@@ -64,7 +71,7 @@ def encode_latent_frame_range(encoder: PortraitEncoder, features: torch.Tensor, 
         batch_cache.update(encoded)
     tokens = torch.cat([encoded[index] for index in batches])
     grid_first = batches.start * ENCODE_BATCH_FRAMES
-    return emotion_tokens_for_latent_range(tokens[first - grid_first:stop - grid_first], num_frames, start, end)
+    return emotion_tokens_per_latent_frame(tokens[first - grid_first:stop - grid_first])
 
 
 def encoder_fingerprint(encoder: PortraitEncoder) -> list:
@@ -79,8 +86,9 @@ def encoder_fingerprint(encoder: PortraitEncoder) -> list:
 class EmotionConditioning:
     """Where the emotion tokens come from, plus the guidance settings that go with them.
 
-    Built from ``expression_features`` and ``encoder`` (tokens encoded per window, see ``latent_tokens_for``),
-    or from precomputed ``latent_tokens`` [L, 97, D] (short clips and tests); exactly one of the two.
+    Built from ``expression_features`` and ``encoder`` (tokens encoded per window as published, see
+    ``window_tokens``), or from precomputed ``latent_tokens`` [L, 97, D] that every window slices as they are
+    (tests and hand-made tokens); exactly one of the two.
     """
 
     num_video_frames: int  # T = 4(L - 1) + 1 driving frames used (trimmed as published)
@@ -127,22 +135,23 @@ class EmotionConditioning:
             return self.latent_tokens.shape[-1]
         return self.encoder.config.output_dim
 
-    def latent_tokens_for(self, start: int, end: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """Token windows [end - start, 97, D] of latent frames [start, end), float32 (on the CPU by default)."""
+    def window_tokens(self, start: int, end: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Tokens [end - start, 97, D] of the window over latent frames [start, end), float32 (CPU by default)."""
         if not 0 <= start < end <= self.num_latent_frames:
             raise ValueError(f"latent frame range [{start}, {end}) must be non-empty and within the "
                              f"{self.num_latent_frames} latent frames")
         if self.latent_tokens is not None:
             tokens = self.latent_tokens[start:end]
         else:
-            tokens = encode_latent_frame_range(self.encoder, self.expression_features, start, end,
-                                               batch_cache=self._batch_cache)
+            tokens = encode_window_tokens(self.encoder, self.expression_features, start, end,
+                                          batch_cache=self._batch_cache)
         return tokens.float().to("cpu" if device is None else device)
 
     def resume_fingerprint(self) -> list:
         """What the result depends on, for resume keys: the settings and the tokens' source (the features and
         a sample of the encoder's weights, never the tokens of the whole video)."""
-        settings = [self.num_video_frames, self.ip_scale, self.emo_cfg, self.text_cfg]
+        # "per-window split": the token layout; checkpoints of the earlier whole-video split never match.
+        settings = [self.num_video_frames, self.ip_scale, self.emo_cfg, self.text_cfg, "per-window split"]
         if self.latent_tokens is not None:
             return [settings, self.latent_tokens]
         return [settings, self.expression_features, encoder_fingerprint(self.encoder)]
@@ -165,10 +174,3 @@ def build_emotion_conditioning(encoder: PortraitEncoder, features: torch.Tensor,
         raise ValueError("expression features hold NaN/Inf; fill frames without a detected face before encoding")
     return EmotionConditioning(num_video_frames=num_frames, ip_scale=float(ip_scale), emo_cfg=float(emo_cfg),
                                text_cfg=float(text_cfg), expression_features=trimmed, encoder=encoder)
-
-
-def all_latent_tokens(emotion: EmotionConditioning) -> torch.Tensor:
-    """Every latent frame's window [L, 97, D] at once (whole-video memory: for checks and short clips only)."""
-    if emotion.latent_tokens is not None:
-        return emotion.latent_tokens.float()
-    return emotion_tokens_per_latent_frame(encode_all_frames(emotion.encoder, emotion.expression_features)).float()

@@ -1,4 +1,7 @@
-"""Per-latent-frame emotion tokens: which frame tokens each latent frame of the video attends to.
+"""Per-latent-frame emotion tokens: which frame tokens each latent frame of a clip attends to.
+
+The split below applies to one clip of T frames. The sampler applies it to each sliding window's own frames, as
+published (``emotion_conditioning.encode_window_tokens``), not once to the whole video.
 
 The Wan VAE compresses time by 4: video frames T = 4k + 1 give L = k + 1 latent frames, latent frame 0
 holding video frame 0 alone and latent frame f >= 1 holding video frames 4f-3 .. 4f. With n tokens per
@@ -53,9 +56,9 @@ def tokens_per_latent_frame(tokens_per_frame: int = TOKENS_PER_FRAME) -> int:
     return TEMPORAL_STRIDE * tokens_per_frame + 1
 
 
-def _range_starts(num_latent: int, tokens_per_frame: int, first_latent: int = 0) -> torch.Tensor:
-    """First flattened-token index of latent frames first_latent .. first_latent + num_latent - 1."""
-    f = torch.arange(first_latent, first_latent + num_latent, dtype=torch.long)
+def _range_starts(num_latent: int, tokens_per_frame: int) -> torch.Tensor:
+    """First flattened-token index of latent frames 0 .. num_latent - 1."""
+    f = torch.arange(num_latent, dtype=torch.long)
     return TEMPORAL_STRIDE * tokens_per_frame * f - (TEMPORAL_STRIDE - 1) * tokens_per_frame - 1
 
 
@@ -68,14 +71,11 @@ def latent_frame_token_ranges(num_frames: int, tokens_per_frame: int = TOKENS_PE
     return [(int(s), int(s) + width - 1) for s in starts]
 
 
-def _gather_plan(num_frames: int, tokens_per_frame: int, start: int = 0, end: int | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Source token index [e-s, W] and a mask [e-s, W] of positions holding a real token (real tokens first),
-    for latent frames [start, end) (default: all)."""
+def _gather_plan(num_frames: int, tokens_per_frame: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source token index [L, W] and a mask [L, W] of positions holding a real token (real tokens first)."""
     num_tokens = num_frames * tokens_per_frame
     width = tokens_per_latent_frame(tokens_per_frame)
-    end = num_latent_frames(num_frames) if end is None else end
-    starts = _range_starts(end - start, tokens_per_frame, first_latent=start)
+    starts = _range_starts(num_latent_frames(num_frames), tokens_per_frame)
     first = starts.clamp(min=0)
     last = (starts + width - 1).clamp(max=num_tokens - 1)
     counts = (last - first + 1).clamp(min=0)
@@ -106,38 +106,4 @@ def emotion_tokens_per_latent_frame(frame_tokens: torch.Tensor) -> torch.Tensor:
     flat = frame_tokens.reshape(*frame_tokens.shape[:-3], num_frames * tokens_per_frame, dim)
     windows = flat.index_select(-2, index.flatten().to(flat.device))
     windows = windows.reshape(*frame_tokens.shape[:-3], num_latent, width, dim)
-    return windows.masked_fill_(~real.to(windows.device)[..., None], 0)
-
-
-def latent_frame_video_span(start: int, end: int, num_frames: int) -> tuple[int, int]:
-    """Video frames [first, stop) whose tokens latent frames [start, end) read: max(0, 4s - 4) .. 4(e - 1).
-
-    Latent frame f >= 1 reads frames 4f-3 .. 4f plus the last token of frame 4f-4; latent frame 0 reads
-    frame 0 only. So a window of latent frames needs ~4 video frames per latent frame, not the whole video.
-    """
-    num_latent = num_latent_frames(num_frames)
-    if not 0 <= start < end <= num_latent:
-        raise ValueError(f"latent frame range [{start}, {end}) must be non-empty and within the video's "
-                         f"{num_latent} latent frames (0 <= start < end <= {num_latent})")
-    return max(0, TEMPORAL_STRIDE * start - TEMPORAL_STRIDE), TEMPORAL_STRIDE * (end - 1) + 1
-
-
-def emotion_tokens_for_latent_range(span_tokens: torch.Tensor, num_frames: int, start: int, end: int
-                                    ) -> torch.Tensor:
-    """Windows [e-s, 4n+1, D] of latent frames [start, end) from the tokens of only the frames they read.
-
-    ``span_tokens`` [stop - first, n, D] are the frame tokens of video frames
-    ``latent_frame_video_span(start, end, num_frames)`` of a video of ``num_frames`` frames; the result equals
-    ``emotion_tokens_per_latent_frame(all frame tokens)[start:end]`` exactly (the same gather, shifted).
-    """
-    first, stop = latent_frame_video_span(start, end, num_frames)
-    if span_tokens.ndim != 3 or span_tokens.shape[0] != stop - first:
-        raise ValueError(f"span_tokens must be [{stop - first}, tokens, dim] (video frames {first}..{stop - 1} "
-                         f"for latent frames [{start}, {end})), got {list(span_tokens.shape)}")
-    _, tokens_per_frame, dim = span_tokens.shape
-    index, real = _gather_plan(num_frames, tokens_per_frame, start, end)
-    # Indices are into the whole video's flattened tokens: shift them to the span (padding slots stay 0).
-    index = torch.where(real, index - first * tokens_per_frame, index)
-    flat = span_tokens.reshape(-1, dim)
-    windows = flat.index_select(0, index.flatten().to(flat.device)).reshape(*index.shape, dim)
     return windows.masked_fill_(~real.to(windows.device)[..., None], 0)

@@ -6,30 +6,47 @@ added to, so the expression signal cannot overpower or vanish next to the other 
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
 NORM_EPS = 1e-5
 
+# attention(q, k, v, heads) over [N, tokens, heads * head_dim] tensors -> [N, q tokens, heads * head_dim]
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Exact multi-head softmax attention (PyTorch's scaled_dot_product_attention), heads packed in channels."""
+    batch, q_len, channels = q.shape
+    head_dim = channels // heads
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(batch, t.shape[1], heads, head_dim).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+    return out.transpose(1, 2).reshape(batch, q_len, channels)
+
 
 def frame_local_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                          heads: int) -> torch.Tensor:
+                          heads: int, attention: Attention = sdpa_attention) -> torch.Tensor:
     """Attention of each latent frame's tokens to that frame's emotion tokens only.
 
     queries: [B, L * n, C] (frame-major latent tokens, n per frame); keys, values: [B, L, M, C].
     Returns [B, L * n, C]. Zero keys (the published zero padding) take part with logit 0, unmasked.
+    Frames become batch entries of one ``attention`` call (any exact softmax attention, e.g. the host's).
     """
     batch, seq, channels = queries.shape
     frames, tokens = keys.shape[1], keys.shape[2]
     if seq % frames != 0:
         raise ValueError(f"{seq} latent tokens cannot be split evenly over {frames} latent frames of "
                          f"emotion tokens; the emotion conditioning must match the window's latent frames")
-    per_frame, head_dim = seq // frames, channels // heads
-    q = queries.reshape(batch * frames, per_frame, heads, head_dim).transpose(1, 2)
-    k = keys.reshape(batch * frames, tokens, heads, head_dim).transpose(1, 2)
-    v = values.reshape(batch * frames, tokens, heads, head_dim).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).reshape(batch, seq, channels)
+    per_frame = seq // frames
+    out = attention(queries.reshape(batch * frames, per_frame, channels),
+                    keys.reshape(batch * frames, tokens, channels),
+                    values.reshape(batch * frames, tokens, channels), heads)
+    return out.reshape(batch, seq, channels)
 
 
 def match_statistics(emotion: torch.Tensor, target: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:

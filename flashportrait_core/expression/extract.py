@@ -38,8 +38,13 @@ class ExpressionFeatures:
     found: [T] bool, False where the face was not seen. filled_frames: indices whose points were interpolated.
     fps: frame rate of these T frames. source_fps / source_frames: the driving video's, before any frame-rate
     conversion. frame_size: (height, width) of the driving frames, in which points and boxes are measured.
-    landmarks: [T, K, 2] float32 frame pixels, the backend's dense landmarks as detected (MediaPipe: 478; not
-    filled or smoothed, NaN where no face was seen), or None when the backend has none (insightface SCRFD).
+    landmarks: [T, K, 2] float32 frame pixels, the backend's dense landmarks as it gives them (MediaPipe: 478,
+    flashportrait: 222, already smoothed by the published filter; not filled or smoothed here, NaN where no face
+    was seen), or None when the backend has none (insightface SCRFD without 2d106det).
+    point_filter: the temporal filter the face backend applied itself (flashportrait: the published landmark
+    filter), when it has one; `smoothing` is then 0, as no filter of ours is added.
+    source: the driving video's file name ("" for frames); face_backend: the backend that found the faces, as the
+    report names it; edits: one line per edit applied since extraction (expression/edit.py), kept when saved.
     """
 
     features: torch.Tensor
@@ -54,6 +59,10 @@ class ExpressionFeatures:
     frame_size: tuple[int, int] = (0, 0)
     notes: list[str] = field(default_factory=list)
     landmarks: torch.Tensor | None = None
+    point_filter: str = ""
+    source: str = ""
+    face_backend: str = ""
+    edits: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.source_frames:
@@ -69,7 +78,11 @@ class ExpressionFeatures:
             parts.append(f"{self.fps:g} fps, resampled from {self.source_frames} frames at {self.source_fps:g} fps")
         else:
             parts.append(f"{self.fps:g} fps")
-        parts.append(f"smoothing {self.smoothing:g}")
+        if self.point_filter:
+            parts.append(f"points smoothed by {self.point_filter} (the smoothing setting is for the other face "
+                         "backends)")
+        else:
+            parts.append(f"smoothing {self.smoothing:g}")
         return "; ".join(parts + self.notes)
 
 
@@ -249,23 +262,31 @@ class _Progress:
         self.done = frames
 
 
+def backend_point_filter(backend: FaceBackend) -> str:
+    """The temporal filter a backend applies to its own points (its `temporal_filter`), or "" when it has none."""
+    return getattr(backend, "temporal_filter", None) or ""
+
+
 def _run(passes: Callable[[], Iterator[torch.Tensor]], expected_frames: int, encoder: FanEncoder,
          backend: FaceBackend, fps: float, smoothing: float, on_progress: ProgressCallback | None,
-         should_stop: StopCallback | None) -> tuple[StableTrack, torch.Tensor]:
+         should_stop: StopCallback | None) -> tuple[StableTrack, torch.Tensor, str]:
+    """Both passes; returns the track, the features and the backend's own point filter ("" when it has none).
+    Our smoothing is left out where the backend filters its points: the published pipeline filters them once."""
     if not math.isfinite(fps) or fps <= 0:
         raise ValueError(f"fps must be a positive frame rate, got {fps}")
     settings_for_strength(smoothing)
+    point_filter = backend_point_filter(backend)
     progress = _Progress(expected_frames, on_progress)
     track = track_faces(passes(), backend, progress, should_stop)
     progress.finish_first_pass(track.found.shape[0])
-    stable = stabilize_track(track, fps, smoothing)
+    stable = stabilize_track(track, fps, 0.0 if point_filter else smoothing)
     transforms = similarity_to_template(torch.from_numpy(stable.points).to(torch.float64))
     features = encode_chunks(passes(), transforms, encoder, progress, should_stop)
-    return stable, features
+    return stable, features, point_filter
 
 
 def _result(stable: StableTrack, features: torch.Tensor, fps: float, smoothing: float,
-            frame_size: tuple[int, int]) -> ExpressionFeatures:
+            frame_size: tuple[int, int], point_filter: str) -> ExpressionFeatures:
     return ExpressionFeatures(
         features=features,
         points=torch.from_numpy(stable.points),
@@ -275,9 +296,10 @@ def _result(stable: StableTrack, features: torch.Tensor, fps: float, smoothing: 
         fps=fps,
         source_fps=fps,
         source_frames=int(features.shape[0]),
-        smoothing=smoothing,
+        smoothing=0.0 if point_filter else smoothing,
         frame_size=frame_size,
         landmarks=None if stable.landmarks is None else torch.from_numpy(stable.landmarks),
+        point_filter=point_filter,
     )
 
 
@@ -296,7 +318,8 @@ def extract_expression_features(
     """Driving frames [T, H, W, C] float in [0, 1] (IMAGE layout; grey and RGBA accepted) -> ExpressionFeatures.
 
     Frames without a face get points interpolated from their neighbours (listed in `filled_frames`); `smoothing`
-    in [0, 1] filters the points over time (0 = off), at the frames' rate `fps`. Work runs in chunks of
+    in [0, 1] filters the points over time (0 = off), at the frames' rate `fps`, unless the backend filters its
+    points itself (`temporal_filter`, as the flashportrait backend does). Work runs in chunks of
     `batch_size` frames. Progress counts each frame twice (detection, then encoding): on_progress(done, 2 * T).
     `should_stop()` is called between chunks; raise from it to interrupt.
     """
@@ -309,8 +332,8 @@ def extract_expression_features(
         for start in range(0, total, batch_size):
             yield rgb_chunk(frames, start, min(start + batch_size, total))
 
-    stable, features = _run(passes, total, encoder, backend, fps, smoothing, on_progress, should_stop)
-    return _result(stable, features, fps, smoothing, (frames.shape[1], frames.shape[2]))
+    stable, features, point_filter = _run(passes, total, encoder, backend, fps, smoothing, on_progress, should_stop)
+    return _result(stable, features, fps, smoothing, (frames.shape[1], frames.shape[2]), point_filter)
 
 
 def extract_expression_features_from_video(
@@ -345,10 +368,12 @@ def extract_expression_features_from_video(
         for chunk in iter_video_chunks(info.path, batch_size, max_frames):
             yield torch.from_numpy(chunk)
 
-    stable, features = _run(passes, expected, encoder, backend, info.fps, smoothing, on_progress, should_stop)
-    result = _result(stable, features, info.fps, smoothing, (info.height, info.width))
+    stable, features, point_filter = _run(passes, expected, encoder, backend, info.fps, smoothing, on_progress,
+                                          should_stop)
+    result = _result(stable, features, info.fps, smoothing, (info.height, info.width), point_filter)
     if info.frame_count_exact and max_frames is None and info.frame_count != result.source_frames:
         result.notes.append(f"the container states {info.frame_count} frames, {result.source_frames} decoded")
+    result.source = os.path.basename(info.path)
     if target_fps:
         result = resample_expressions(result, float(target_fps))
     return result

@@ -24,8 +24,8 @@ class FaceTrack:
     points: [B, 5, 2] float32 (x, y), order of POINT_NAMES, "left" meaning the image's left.
     boxes: [B, 4] float32 (x0, y0, x1, y1). Rows of frames without a face are NaN.
     found: [B] bool.
-    landmarks: [B, K, 2] float32, the backend's dense landmarks where it has them (MediaPipe's face mesh: 478),
-    else None. Rows of frames without a face are NaN.
+    landmarks: [B, K, 2] float32, the backend's dense landmarks where it has them (MediaPipe's face mesh: 478,
+    insightface's 2d106det: 106, FlashPortrait's face_landmark.onnx: 222), else None. Rows of frames without a face are NaN.
     """
 
     points: np.ndarray
@@ -123,6 +123,10 @@ class FaceFollower:
 
 
 class FaceBackend(Protocol):
-    """Finds the main face of each frame. `reset=False` continues the previous call's video (tracking state)."""
+    """Finds the main face of each frame. `reset=False` continues the previous call's video (tracking state).
+
+    A backend whose points come out already filtered over time says so with a `temporal_filter` attribute (a
+    name for the user); extraction then adds no smoothing of its own.
+    """
 
     def detect(self, frames_uint8: np.ndarray, reset: bool = True) -> FaceTrack: ...

@@ -70,7 +70,7 @@ def _detector_in(folder: Path) -> Path | None:
     return files[0] if files else None
 
 
-def _pack_folders(root: Path, pack: str | None) -> list[Path]:
+def pack_folders(root: Path, pack: str | None) -> list[Path]:
     """Where a pack may sit under an insightface root: `<root>/models/<pack>` (insightface's layout) or
     `<root>/<pack>`."""
     bases = [root / "models", root]
@@ -93,7 +93,7 @@ def find_detector(roots: Sequence[str | os.PathLike[str]], pack: str | None = No
     if not roots:
         raise ValueError("roots must name at least one folder to search for insightface packs")
     for root in roots:
-        for folder in _pack_folders(root, pack):
+        for folder in pack_folders(root, pack):
             detector = _detector_in(folder)
             if detector is not None:
                 return detector
@@ -134,9 +134,11 @@ def pack_files(detector: str | os.PathLike[str], landmarks: bool = True) -> str:
     return f"{named} + {landmarks_path.name}"
 
 
-def input_normalisation(model_path: str | os.PathLike[str]) -> tuple[float, float]:
-    """(mean, std) to apply to 0-255 pixels before the landmark model: (0, 1) when its graph starts by subtracting
-    and multiplying (or with a `bn_data` node), else (127.5, 128)."""
+def input_normalisation(model_path: str | os.PathLike[str],
+                        otherwise: tuple[float, float] = (127.5, 128.0)) -> tuple[float, float]:
+    """(mean, std) to apply to 0-255 pixels before a pack's model: (0, 1) when its graph starts by subtracting
+    and multiplying (or with a `bn_data` node), else `otherwise` (the landmark model's (127.5, 128) by default;
+    insightface's recognition models take (127.5, 127.5))."""
     try:
         import onnx
     except ImportError as error:
@@ -151,7 +153,7 @@ def input_normalisation(model_path: str | os.PathLike[str]) -> tuple[float, floa
         multiplies |= node.name.startswith(("Mul", "_mul"))
         if index < 3 and node.name == "bn_data":
             subtracts = multiplies = True
-    return (0.0, 1.0) if subtracts and multiplies else (127.5, 128.0)
+    return (0.0, 1.0) if subtracts and multiplies else otherwise
 
 
 def landmark_crop_transform(box: np.ndarray, size: int) -> np.ndarray:

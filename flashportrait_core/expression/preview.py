@@ -18,7 +18,8 @@ from .pdfgc import EMO_DIM, EYE_DIM, HEADPOSE_DIM
 FOUND_COLOUR = (0.1, 0.9, 0.2)
 FILLED_COLOUR = (1.0, 0.55, 0.0)
 POINT_COLOURS = ((0.2, 0.6, 1.0), (0.2, 0.6, 1.0), (1.0, 0.2, 0.2), (1.0, 0.9, 0.1), (1.0, 0.9, 0.1))
-LANDMARK_COLOUR = (0.0, 1.0, 1.0)  # dense landmarks (MediaPipe's face mesh), drawn under the 5 points
+# Dense landmarks (flashportrait's 222 points, MediaPipe's 478-point mesh, insightface's 106), under the 5 points.
+LANDMARK_COLOUR = (0.0, 1.0, 1.0)
 EMOTION_CURVES = 4  # emotion dimensions plotted: the ones that vary most over the video
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .alp import PRESETS, ALPConfig, config_for_speedup, preset
-from .schedules import DISTILLED_TIMESTEPS, PUBLISHED, SIMPLE, distilled_sigmas, schedule_sigmas
+from .schedules import DISTILLED_4STEP, DISTILLED_TIMESTEPS, PUBLISHED, SIMPLE, sampling_sigmas
 from .solvers import STEP_SOLVERS
 
 # The sampler's acceleration choices: the ALP presets, and the published 4-step distillation LoRA path.
@@ -32,11 +32,12 @@ class SamplingChoice:
 
 
 def resolve_sampling(acceleration: str, steps: int, shift: float, solver: str = "euler",
-                     target_speedup: float = 0.0, schedule: str = PUBLISHED) -> SamplingChoice:
+                     target_speedup: float = 0.0, schedule: str = PUBLISHED, denoise: float = 1.0
+                     ) -> SamplingChoice:
     """The sampler's widgets turned into one consistent run, or a ValueError naming the conflict and the fix.
 
     - ``schedule``: the noise levels of the ``steps`` computed steps (``schedules.SCHEDULES``; default the
-      published grid).
+      published grid). ``denoise`` < 1 runs the last ``steps`` steps of a longer grid (refining a latent).
     - ``4-step LoRA``: the distilled schedule with Euler steps; ALP is off (with warm-up and last step always
       computed, 4 steps leave nothing worth forecasting); ``steps`` and ``schedule`` are not used.
     - ``target_speedup`` replaces the speed-up of the chosen ALP preset; with ``off`` or ``4-step LoRA`` there is
@@ -50,7 +51,7 @@ def resolve_sampling(acceleration: str, steps: int, shift: float, solver: str = 
         if solver != "euler":
             raise ValueError(f"sampler {solver!r} with acceleration '{FOUR_STEP_LORA}': the distillation LoRA was "
                              f"trained for Euler steps at its four timesteps; set sampler to euler")
-        sigmas = distilled_sigmas(shift)
+        sigmas = sampling_sigmas(DISTILLED_4STEP, 4, shift, denoise)
         notes = (f"{FOUR_STEP_LORA}: timesteps {'/'.join(map(str, DISTILLED_TIMESTEPS))} (sigmas "
                  f"{', '.join(f'{s:.4g}' for s in sigmas.tolist())}), Euler, ALP off; steps={steps} and "
                  f"schedule '{schedule}' not used",)
@@ -65,7 +66,7 @@ def resolve_sampling(acceleration: str, steps: int, shift: float, solver: str = 
     if steps < MIN_STEPS_FOR.get(solver, 1):
         raise ValueError(f"sampler {solver!r} needs at least {MIN_STEPS_FOR[solver]} steps (unstable on coarser "
                          f"grids), got {steps}; use adams2 or more steps")
-    return SamplingChoice(schedule_sigmas(schedule, steps, shift), solver, alp if alp.enabled else None, notes)
+    return SamplingChoice(sampling_sigmas(schedule, steps, shift, denoise), solver, alp if alp.enabled else None, notes)
 
 
 def check_sampling_widgets(acceleration: str, solver: str, target_speedup: float, schedule: str) -> None:

@@ -11,6 +11,39 @@ from .windows import WindowPlan, blend_weights
 
 # (x_window, sigma, window_index, step_index) -> guided velocity dx/dsigma of that window
 WindowVelocity = Callable[[torch.Tensor, float, int, int], torch.Tensor]
+# (window_index, x_window) -> that window's prediction (a velocity, or denoised latents: anything linear in it)
+WindowPrediction = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def blend_windows(x: torch.Tensor, plan: WindowPlan, predict: WindowPrediction, weights: torch.Tensor,
+                  frame_dim: int = 2, compute_device: torch.device | str | None = None,
+                  first_window: int = 0, blended: torch.Tensor | None = None,
+                  after_window: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """The windows' predictions of one step blended into one prediction of the whole video.
+
+    ``weights`` [windows, frames] from ``windows.blend_weights`` (the published cross-fade, or the overwrite of the
+    first step); the result is sum_k weights[k] * predict(k, x[window k]). The full latents and the accumulator stay
+    on ``x``'s device; with ``compute_device`` each window's slice is copied there for ``predict`` and its
+    prediction copied back, so the compute device holds one window at a time (copies are exact, the blend
+    elementwise). ``first_window`` and ``blended`` continue a step whose earlier windows are already summed in
+    ``blended``; ``after_window(k, blended)`` sees the sum after each window (a per-window checkpoint).
+    """
+    compute = x.device if compute_device is None else torch.device(compute_device)
+    weights = weights.to(device=x.device, dtype=torch.float32)
+    blended = torch.zeros_like(x, dtype=torch.float32) if blended is None else blended
+    view_shape = [1] * x.ndim
+    for k in range(first_window, len(plan.windows)):
+        start, end = plan.windows[k]
+        window_x = x.narrow(frame_dim, start, end - start).to(compute)  # a view when nothing moves
+        prediction = predict(k, window_x)
+        del window_x  # the compute device holds one window's latents at a time
+        view_shape[frame_dim] = end - start
+        w = weights[k, start:end].reshape(view_shape)
+        blended.narrow(frame_dim, start, end - start).add_(prediction.to(device=x.device, dtype=torch.float32) * w)
+        del prediction
+        if after_window is not None:
+            after_window(k, blended)
+    return blended
 
 
 def sample_flow_windows(
@@ -55,21 +88,12 @@ def sample_flow_windows(
                          f"got {start_step}")
     x = noise.to(torch.float32)
     compute = x.device if compute_device is None else torch.device(compute_device)
-    weight_table = {crossfade: blend_weights(plan, crossfade).to(torch.float32) for crossfade in (False, True)}
-    view_shape = [1] * x.ndim
+    weight_table = {crossfade: blend_weights(plan, crossfade) for crossfade in (False, True)}
     step_update = make_step_update(solver, step_history)  # Euler, or multistep over blended velocities
     for step in range(start_step, steps):
         sigma, sigma_next = float(sigmas[step]), float(sigmas[step + 1])
-        weights = weight_table[step > 0].to(x.device)
-        blended = torch.zeros_like(x)
-        for k, (start, end) in enumerate(plan.windows):
-            window_x = x.narrow(frame_dim, start, end - start).to(compute)  # a view when nothing moves
-            window_v = velocity(window_x, sigma, k, step)
-            del window_x  # the compute device holds one window's latents at a time
-            view_shape[frame_dim] = end - start
-            w = weights[k, start:end].reshape(view_shape)
-            blended.narrow(frame_dim, start, end - start).add_(window_v.to(device=x.device, dtype=x.dtype) * w)
-            del window_v
+        blended = blend_windows(x, plan, lambda k, window_x: velocity(window_x, sigma, k, step),
+                                weight_table[step > 0], frame_dim, compute)
         x = x + step_update(sigma, sigma_next, blended)
         del blended  # only the latents are carried to the next step
         if on_step is not None:

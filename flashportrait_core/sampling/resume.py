@@ -1,10 +1,10 @@
 """Checkpoints of an unfinished sampling run, so that an interrupted long job continues where it stopped.
 
-A checkpoint holds everything the window loop carries from one denoising step to the next: the latents after
-k completed steps, the Adams solvers' last blended velocities (``StepHistory``) and, with Adaptive Latent
-Prediction, every window's forecast history (``ALPWindowState``) plus whatever else the caller's velocity
-remembers (``extra``). Every later step is a deterministic function of exactly that state, so restoring it and
-continuing from step k gives the bit-identical result of a run that never stopped.
+A checkpoint holds everything a windowed Euler run carries from one denoising step to the next: the latents after
+k completed steps and, with Adaptive Latent Prediction, every window's forecast history (``ALPWindowState``), plus
+whatever else the caller remembers (``extra``: counters, a step's partial blend). Every later step is a
+deterministic function of exactly that state, so restoring it and continuing from step k gives the bit-identical
+result of a run that never stopped.
 
 The file is a torch zip archive of tensors and plain Python values only, so it loads with
 ``weights_only=True``. It is written under a temporary name and renamed over the final one (atomic on POSIX
@@ -20,16 +20,13 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from .alp import ALPWindowState
-from .loop import WindowVelocity, sample_flow_windows
-from .solvers import StepHistory
-from .windows import WindowPlan
 
-FORMAT = "flashportrait-resume/1"
+FORMAT = "flashportrait-resume/2"
 log = logging.getLogger(__name__)
 
 
@@ -77,16 +74,6 @@ class SamplingCheckpoint:
     latents: torch.Tensor
     window_states: list[dict] = field(default_factory=list)  # window_state_dict of each ALP window
     extra: dict = field(default_factory=dict)  # the caller's own tensors and plain values
-    step_history: dict = field(default_factory=dict)  # step_history_dict of a multistep solver (empty: Euler)
-
-
-def step_history_dict(history: StepHistory) -> dict:
-    """A multistep solver's history as plain values and CPU tensors."""
-    return {"sigmas": list(history.sigmas), "velocities": [v.detach().cpu() for v in history.velocities]}
-
-
-def restore_step_history(saved: dict, device: torch.device | str) -> StepHistory:
-    return StepHistory(list(saved.get("sigmas", [])), [v.to(device) for v in saved.get("velocities", [])])
 
 
 # ALPWindowState fields that change while sampling; sigmas, config and budget follow from the settings.
@@ -131,7 +118,7 @@ def save_checkpoint(path: str | Path, key: str, checkpoint: SamplingCheckpoint) 
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "key": key, "completed_steps": int(checkpoint.completed_steps),
                "latents": checkpoint.latents.detach().cpu(), "window_states": checkpoint.window_states,
-               "extra": checkpoint.extra, "step_history": checkpoint.step_history}
+               "extra": checkpoint.extra}
     temporary = path.with_name(f"{path.name}.{os.getpid()}.partial")
     try:
         with open(temporary, "wb") as handle:
@@ -158,8 +145,7 @@ def load_checkpoint(path: str | Path, key: str) -> SamplingCheckpoint | None:
         log.warning("ignoring resume checkpoint %s: written for another run or version", path)
         return None
     return SamplingCheckpoint(completed_steps=int(payload["completed_steps"]), latents=payload["latents"],
-                              window_states=list(payload["window_states"]), extra=dict(payload["extra"]),
-                              step_history=dict(payload.get("step_history", {})))
+                              window_states=list(payload["window_states"]), extra=dict(payload["extra"]))
 
 
 def remove_checkpoint(path: str | Path) -> None:
@@ -170,52 +156,3 @@ def remove_checkpoint(path: str | Path) -> None:
         path.parent.rmdir()
     except OSError:
         pass  # other runs' checkpoints (or other files) are still there
-
-
-def sample_flow_windows_resumable(
-    noise: torch.Tensor,
-    sigmas: torch.Tensor,
-    plan: WindowPlan,
-    velocity: WindowVelocity,
-    checkpoint_file: str | Path,
-    key: str,
-    window_states: Sequence[ALPWindowState] = (),
-    save_extra: Callable[[], dict] | None = None,
-    restore_extra: Callable[[dict], None] | None = None,
-    compute_device: torch.device | str | None = None,
-    frame_dim: int = 2,
-    solver: str = "euler",
-) -> tuple[torch.Tensor, int]:
-    """``sample_flow_windows`` that checkpoints after every completed step and resumes from a checkpoint.
-
-    ``window_states`` are the ALP states the velocity updates (restored in place on resume and saved with
-    each checkpoint); ``save_extra`` / ``restore_extra`` carry any further state of the velocity; the Adams
-    solvers' velocity history is saved and restored too. Returns the clean latents and the step the run
-    started from (0 when nothing was resumed). A finished run removes its checkpoint.
-    """
-    steps = len(sigmas) - 1
-    start_step, x, history = 0, noise, StepHistory()
-    saved = load_checkpoint(checkpoint_file, key)
-    if saved is not None:
-        if len(saved.window_states) != len(window_states) or not 0 < saved.completed_steps < steps:
-            log.warning("ignoring resume checkpoint %s: it does not fit this run", checkpoint_file)
-        else:
-            start_step = saved.completed_steps
-            x = saved.latents.to(device=noise.device, dtype=noise.dtype)
-            for state, saved_state in zip(window_states, saved.window_states):
-                restore_window_state(state, saved_state)
-            if restore_extra is not None:
-                restore_extra(saved.extra)
-            history = restore_step_history(saved.step_history, noise.device)
-
-    def write(completed_steps: int, latents: torch.Tensor) -> None:
-        if completed_steps < steps:  # the finished result is returned, not checkpointed
-            save_checkpoint(checkpoint_file, key, SamplingCheckpoint(
-                completed_steps, latents, [window_state_dict(s) for s in window_states],
-                save_extra() if save_extra is not None else {}, step_history_dict(history)))
-
-    latents = sample_flow_windows(x, sigmas, plan, velocity, frame_dim=frame_dim, solver=solver,
-                                  compute_device=compute_device, start_step=start_step, after_step=write,
-                                  step_history=history)
-    remove_checkpoint(checkpoint_file)
-    return latents, start_step

@@ -9,8 +9,8 @@ All grids are flow-matching noise levels from 1 down to 0 (float64); a flow step
   are low (0.1698, 0.0244 at N = 30, shift 5). ComfyUI's ``normal`` scheduler on a shifted flow model gives the
   same grid (it spaces timesteps linearly between the model's sigma_max and sigma_min and maps them through the
   shift).
-- ``simple``: shift(linspace(1, 0, N + 1)), ComfyUI's ``simple`` scheduler on the same model; its last model
-  call is 6x higher (0.2632, 0.1471 at N = 30).
+- ``simple``: ComfyUI's ``simple`` scheduler on the same model, evenly spaced training levels from the top
+  (close to shift(linspace(1, 0, N + 1))); its last model calls are 6x higher (0.2642, 0.1496 at N = 30).
 - ``distilled 4-step``: the published fast path pairs the step-distillation LoRA (``fast_lora_rank64``) with four
   fixed timesteps, 1000/750/500/250 of 1000; each picks the unshifted level t / 1000, shifted like the others,
   then 0.
@@ -53,11 +53,14 @@ def published_sigmas(steps: int, shift: float, train_timesteps: int = TRAIN_TIME
     return torch.cat([shift_sigma(base, shift), torch.zeros(1, dtype=torch.float64)])
 
 
-def simple_sigmas(steps: int, shift: float) -> torch.Tensor:
-    """ComfyUI's ``simple`` grid on a shifted flow model: shift(t) over t evenly spaced in [1, 0] (``steps + 1``
-    levels). shift > 1 spends more steps at high noise, where a video's layout and motion are decided."""
+def simple_sigmas(steps: int, shift: float, train_timesteps: int = TRAIN_TIMESTEPS) -> torch.Tensor:
+    """ComfyUI's ``simple`` scheduler on a shifted flow model (``steps + 1`` levels): every
+    (train_timesteps / steps)-th of the model's training levels shift(t / train_timesteps), t = train_timesteps .. 1,
+    from the top, then 0. shift > 1 spends more steps at high noise, where a video's layout and motion are decided."""
     _check(steps, shift)
-    return shift_sigma(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
+    stride = train_timesteps / steps
+    timesteps = torch.tensor([train_timesteps - int(x * stride) for x in range(steps)], dtype=torch.float64)
+    return torch.cat([shift_sigma(timesteps / train_timesteps, shift), torch.zeros(1, dtype=torch.float64)])
 
 
 def distilled_sigmas(shift: float, timesteps: Sequence[int] = DISTILLED_TIMESTEPS,
@@ -82,3 +85,28 @@ def schedule_sigmas(schedule: str, steps: int, shift: float) -> torch.Tensor:
     if schedule == DISTILLED_4STEP:
         return distilled_sigmas(shift)
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+
+
+def partial_denoise(sigmas_for_steps, steps: int, denoise: float) -> torch.Tensor:
+    """The last ``steps`` steps of a longer grid, as ComfyUI's KSampler does for ``denoise`` < 1.
+
+    ``sigmas_for_steps(n)`` gives an n-step grid; with denoise d the grid has int(steps / d) steps and the run
+    starts ``steps`` steps before its end, so it refines an existing latent instead of starting from noise.
+    """
+    if not 0.0 < denoise <= 1.0:
+        raise ValueError(f"denoise must be in (0, 1], got {denoise}")
+    if denoise > 0.9999:
+        return sigmas_for_steps(steps)
+    return sigmas_for_steps(int(steps / denoise))[-(steps + 1):]
+
+
+def sampling_sigmas(schedule: str, steps: int, shift: float, denoise: float = 1.0) -> torch.Tensor:
+    """The noise levels a run samples: ``schedule`` over ``steps`` steps, its tail for ``denoise`` < 1.
+
+    The distilled grid has fixed timesteps, so a partial run takes the last round(4 * denoise) of them."""
+    if schedule == DISTILLED_4STEP:
+        sigmas = distilled_sigmas(shift)
+        if not 0.0 < denoise <= 1.0:
+            raise ValueError(f"denoise must be in (0, 1], got {denoise}")
+        return sigmas[-(max(1, round((len(sigmas) - 1) * denoise)) + 1):]
+    return partial_denoise(lambda n: schedule_sigmas(schedule, n, shift), steps, denoise)

@@ -246,3 +246,23 @@ def make_step_update(solver: str, history: StepHistory | None = None) -> StepUpd
         return sum(w * v for w, v in zip(weights, history.velocities))
 
     return adams_update
+
+
+def sample_adams_denoised(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor,
+                          extra_args: dict | None = None, callback: Callable[[dict], None] | None = None,
+                          disable: bool | None = None, order: int = 2) -> torch.Tensor:
+    """Adams-Bashforth of ``order`` in k-diffusion's sampler form: ``model(x, sigma * ones, **extra_args)``
+    returns denoised latents (flow matching: v = (x - denoised) / sigma); ``callback`` sees every step.
+
+    The same update as ``make_step_update(f"adams{order}")``; ``disable`` (a progress bar switch) is unused.
+    """
+    extra_args = {} if extra_args is None else extra_args
+    step_update = make_step_update(f"adams{order}")
+    ones = x.new_ones([x.shape[0]])
+    grid = _sigma_list(sigmas)
+    for i in range(len(grid) - 1):
+        denoised = model(x, sigmas[i] * ones, **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        x = x + step_update(grid[i], grid[i + 1], (x - denoised) / grid[i])
+    return x
