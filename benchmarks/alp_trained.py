@@ -30,6 +30,8 @@ alp.py``; the tuning run prints the anchors it found so they can be shipped.
 
     python benchmarks/alp_trained.py                 # the table, the plot, memory; trains/tunes when not cached
     python benchmarks/alp_trained.py --retune        # redo the tuning
+    python benchmarks/alp_trained.py --tune-budgets 5,10 &   # the tuning in two processes (two cores);
+    python benchmarks/alp_trained.py --tune-budgets 6,8      # start it once the first has its references
     python benchmarks/alp_trained.py --write-docs    # also copy the PNGs to docs/
 """
 from __future__ import annotations
@@ -60,6 +62,7 @@ td.use_host()  # before anything imports comfy
 
 from pack import PACK_NAME, import_pack  # noqa: E402
 from video_metrics import mean_and_spread, psnr, ssim, temporal_psnr  # noqa: E402
+from tuning_parts import merge_part_files, parse_budgets, part_name  # noqa: E402
 from window_caches import (EasyCacheRule, FixedPlanCache, MagCacheLike, TeaCacheLike, WindowedDenoiser,  # noqa: E402
                            spread_plan)
 
@@ -340,7 +343,8 @@ def magnitude_ratios(model, clips: list[Clip]) -> list[float]:
     return [1.0] + [s / count for s in sums[1:]]
 
 
-def tune(model, clips: list[Clip], refs: References, log: Callable[[str], None]) -> dict:
+def tune(model, clips: list[Clip], refs: References, log: Callable[[str], None],
+         budgets: tuple[int, ...] = BUDGETS) -> dict:
     sigmas = published(FULL_STEPS)
     embed = timestep_embedding(model)
     tuned: dict = {"budgets": {}, "alp": {}, "alp_top": {}, "dial": {}}
@@ -354,7 +358,7 @@ def tune(model, clips: list[Clip], refs: References, log: Callable[[str], None])
         log(f"  {label}: best {choice} {scored[choice]:.2f} dB of {len(scored)}")
         return choice, scored[choice]
 
-    for budget in BUDGETS:
+    for budget in budgets:
         log(f"budget {budget} ({time.time() - started:.0f} s, {time.process_time() / 60:.0f} CPU-min)")
         chosen: dict = {}
         for order, name in ((0, "reuse"), (1, "taylor1"), (2, "taylor2")):
@@ -713,6 +717,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--retune", action="store_true", help="redo the tuning on the tuning clips")
     parser.add_argument("--tune-only", action="store_true", help="stop after the tuning")
+    parser.add_argument("--tune-budgets", default=None,
+                        help="tune only these budgets (e.g. 5,10) into a part file and stop; the report merges "
+                             "the parts once they cover every budget (two processes on two cores)")
     parser.add_argument("--write-docs", action="store_true", help="copy the PNGs to docs/")
     parser.add_argument("--fresh", action="store_true", help="score every report row again (no cached scores)")
     parser.add_argument("--report-per-video", type=int, default=REPORT_PER_VIDEO)
@@ -727,15 +734,27 @@ def main(argv=None) -> int:
     out = folder
     tuning_clips = make_clips(frames, "tuning", args.tuning_per_video, 2000)
     tuning_path = folder / "tuning.json"
-    if args.retune or not tuning_path.is_file():
-        log(f"tuning on {len(tuning_clips)} clips of {td.SPLIT['tuning']}")
+    part_budgets = BUDGETS if args.tune_budgets is None else parse_budgets(args.tune_budgets, BUDGETS)
+    merged = (None if args.retune or args.tune_budgets is not None or tuning_path.is_file()
+              else merge_part_files(folder, BUDGETS))
+    if merged is not None:
+        log("tuning merged from the part files")
+        tuning_path.write_text(json.dumps(merged, indent=1))
+    elif args.retune or not tuning_path.is_file() or args.tune_budgets is not None:
+        log(f"tuning budgets {part_budgets} on {len(tuning_clips)} clips of {td.SPLIT['tuning']}")
         tuning_refs = References(model, tuning_clips, folder / "references_tuning.pt")
-        check = loop_runner(model, schedules.simple_sigmas(2 * CONVERGED_STEPS, SHIFT), solver="adams3")
-        converged_check = [psnr(check(c)[0], conv) for c, conv in zip(tuning_clips[:2], tuning_refs.converged[:2])]
-        log(f"converged ({CONVERGED_STEPS} Adams-3 steps) vs {2 * CONVERGED_STEPS}: "
-            f"{' '.join(f'{v:.1f}' for v in converged_check)} dB")
-        tuned = tune(model, tuning_clips, tuning_refs, log)
-        tuned["converged_check_db"] = converged_check
+        tuned = {}
+        if BUDGETS[0] in part_budgets:  # one part checks the converged reference
+            check = loop_runner(model, schedules.simple_sigmas(2 * CONVERGED_STEPS, SHIFT), solver="adams3")
+            tuned["converged_check_db"] = [psnr(check(c)[0], conv)
+                                           for c, conv in zip(tuning_clips[:2], tuning_refs.converged[:2])]
+            log(f"converged ({CONVERGED_STEPS} Adams-3 steps) vs {2 * CONVERGED_STEPS}: "
+                f"{' '.join(f'{v:.1f}' for v in tuned['converged_check_db'])} dB")
+        tuned.update(tune(model, tuning_clips, tuning_refs, log, part_budgets))
+        if args.tune_budgets is not None:
+            (folder / part_name(part_budgets)).write_text(json.dumps(tuned, indent=1))
+            log(f"tuning part written: {folder / part_name(part_budgets)}")
+            return 0
         tuning_path.write_text(json.dumps(tuned, indent=1))
     tuned = json.loads(tuning_path.read_text())
     log("anchors found on the tuning clips (speed-up, max_order, first_trust, error_tolerance, pace):")
