@@ -17,8 +17,8 @@ reuses or forecasts it, so one evaluation = both passes of one window at one ste
 - Budgets 5, 6, 8, 10 evaluations per window (of 30). Baselines: Euler, Adams-2/3 (the pack's solvers) and
   ComfyUI's multistep samplers on their own N-step published grid; zeroth-order reuse at fixed steps and with
   TeaCache's and MagCache's rules; TaylorSeer-like first/second-order forecasts at fixed steps; ComfyUI's
-  EasyCache rule. ALP through the pack's own ``AcceleratedVelocity`` (per-window state, the layer dial fed by
-  the pack's ``BlockProbe`` on the real blocks), with the shipped settings for speed-up 30/N; also with the
+  EasyCache rule. ALP as the pack's guider runs it (``WindowALP``: the pack's per-window ``alp_step``, the layer
+  dial fed by the pack's ``BlockProbe`` on the real blocks), with the shipped settings for speed-up 30/N; also with the
   layer dial off, and with its two other integration modes.
 - Measures: PSNR against full and against converged, SSIM against full, temporal PSNR (of frame-to-frame
   differences) against full; mean over the report clips.
@@ -72,7 +72,7 @@ guidance = importlib.import_module(f"{PACK_NAME}.flashportrait_core.sampling.gui
 loop = importlib.import_module(f"{PACK_NAME}.flashportrait_core.sampling.loop")
 schedules = importlib.import_module(f"{PACK_NAME}.flashportrait_core.sampling.schedules")
 windows = importlib.import_module(f"{PACK_NAME}.flashportrait_core.sampling.windows")
-wan_runner = importlib.import_module(f"{PACK_NAME}.nodes.wan_runner")
+guider = importlib.import_module(f"{PACK_NAME}.nodes.guider")
 wan_patch = importlib.import_module(f"{PACK_NAME}.nodes.wan_patch")
 
 import comfy.k_diffusion.sampling as kds  # noqa: E402
@@ -140,7 +140,7 @@ class GuidedFaceVelocity:
         self.references = torch.cat([reference, reference])
         self.keep = torch.cat([torch.ones(rows, dtype=torch.bool), torch.zeros(rows, dtype=torch.bool)])
         self.patches = {"dit": {("double_block", i): ProbedBlock(i, rows) for i in range(len(model.blocks))}}
-        self.report = SimpleNamespace(alp_states=[])  # AcceleratedVelocity hands its window states over here
+        self.report = SimpleNamespace(alp_states=[])  # WindowALP hands its window states over here
         self.progress = None
         self.evaluations = [0] * len(plan.windows)
         self.last_posi: torch.Tensor | None = None
@@ -222,10 +222,42 @@ def solver_label(solver: str) -> str:
     return f"{solver} ({'pack' if solver in LOOP_SOLVERS else 'ComfyUI'})"
 
 
+class WindowALP:
+    """ALP as ``FlashPortraitGuider._window_prediction`` runs it, as a window velocity of the pack's loop.
+
+    Each window keeps its own state; at a computed step the probed blocks (``probe_blocks``: up to six spread
+    from first to last) hand a strided sample of their outputs to a ``BlockProbe``, whose change since the
+    window's previous computed step feeds the layer dial. The guider turns ALP's step back into a denoised
+    prediction for ComfyUI's Euler sampler; the loop blends velocities, so here it becomes the velocity that moves
+    the window to the same place (the same latent: the Euler step is linear in either).
+    """
+
+    def __init__(self, guided: GuidedFaceVelocity, sigmas: torch.Tensor, config, num_blocks: int):
+        self.guided = guided
+        self.states = [alp.new_window_state(sigmas, config) for _ in guided.plan.windows]
+        guided.report.alp_states = self.states
+        self.blocks = guider.probe_blocks(num_blocks)
+        self.previous_outputs: list[list[torch.Tensor] | None] = [None] * len(self.states)
+
+    def __call__(self, x: torch.Tensor, sigma: float, window: int, step: int) -> torch.Tensor:
+        state = self.states[window]
+        probe = wan_patch.BlockProbe(self.blocks)
+
+        def block_changes() -> list[float] | None:
+            current = [probe.outputs[i] for i in self.blocks if i in probe.outputs]
+            previous, self.previous_outputs[window] = self.previous_outputs[window], current
+            if previous is None or len(current) < 2 or len(previous) != len(current):
+                return None
+            return alp.block_change_magnitudes(previous, current)
+
+        x_next, _ = alp.alp_step(state, x, step, lambda latents, s: self.guided.guided(latents, s, window, probe),
+                                 block_changes)
+        return (x_next - x) / (state.sigmas[step + 1] - state.sigmas[step])
+
+
 def alp_runner(model, config) -> Runner:
     sigmas = published(FULL_STEPS)
-    return loop_runner(model, sigmas,
-                       lambda guided: wan_runner.AcceleratedVelocity(guided, sigmas, config, len(model.blocks)))
+    return loop_runner(model, sigmas, lambda guided: WindowALP(guided, sigmas, config, len(model.blocks)))
 
 
 def timestep_embedding(model) -> Callable[[float], torch.Tensor]:
@@ -588,7 +620,7 @@ def measure_memory(model, clip: Clip, log) -> dict:
     sigmas = published(FULL_STEPS)
     config = alp.config_for_speedup(6.0)
     guided = GuidedFaceVelocity(model, clip.reference)
-    accelerated = wan_runner.AcceleratedVelocity(guided, sigmas, config, len(model.blocks))
+    accelerated = WindowALP(guided, sigmas, config, len(model.blocks))
     peak = {"history": 0, "probe": 0}
 
     def watching(x, sigma, window, step):
@@ -606,7 +638,7 @@ def measure_memory(model, clip: Clip, log) -> dict:
     probe = wan_patch.BlockProbe(())
     tokens = -(-TARGET_TOKENS // -(-TARGET_TOKENS // probe.max_tokens))
     channels = -(-TARGET_WIDTH // -(-TARGET_WIDTH // probe.max_channels))
-    target_probe = len(wan_runner.probe_blocks(40)) * tokens * channels * 4
+    target_probe = len(guider.probe_blocks(40)) * tokens * channels * 4
     out = {"toy_history_bytes": peak["history"], "toy_probe_bytes": peak["probe"], "tensors_kept": tensors_kept,
            "target_history_bytes": target_history, "target_probe_bytes": target_probe}
     t0 = time.perf_counter()
