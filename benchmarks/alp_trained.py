@@ -23,15 +23,15 @@ reuses or forecasts it, so one evaluation = both passes of one window at one ste
 - Measures: PSNR against full and against converged, SSIM against full, temporal PSNR (of frame-to-frame
   differences) against full; mean over the report clips.
 
-Tuning (tuning clips only, cached as ``tuning.json`` next to the model; ``--retune`` redoes it): the baselines'
-thresholds and step placements, MagCache's magnitude ratios (from the full runs), the ALP grid per budget and
-the layer dial's limit. The ALP rows of the report use the settings shipped in ``flashportrait_core/sampling/
+Tuning (tuning clips only: one clip of each tuning video, so 2; cached as ``tuning.json`` next to the model;
+``--retune`` redoes it): the baselines' thresholds and step placements, MagCache's magnitude ratios (from the
+full runs), the ALP grid per budget and the layer dial's limit. The ALP rows of the report use the settings shipped in ``flashportrait_core/sampling/
 alp.py``; the tuning run prints the anchors it found so they can be shipped.
 
     python benchmarks/alp_trained.py                 # the table, the plot, memory; trains/tunes when not cached
     python benchmarks/alp_trained.py --retune        # redo the tuning
-    python benchmarks/alp_trained.py --tune-budgets 5,10 &   # the tuning in two processes (two cores);
-    python benchmarks/alp_trained.py --tune-budgets 6,8      # start it once the first has its references
+    python benchmarks/alp_trained.py --tune-budgets 5,10 [--report-part] &   # in two processes (two cores);
+    python benchmarks/alp_trained.py --tune-budgets 6,8 [--report-part]      # once the first has references
     python benchmarks/alp_trained.py --write-docs    # also copy the PNGs to docs/
 """
 from __future__ import annotations
@@ -91,7 +91,10 @@ BUDGETS = (5, 6, 8, 10)
 ALP_SPEEDUP_AT_BUDGET = {5: 6.0, 6: 5.0, 8: 4.0, 10: 3.0}
 SPEEDUPS = (2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)
 PRESET_NAMES = ("quality", "balanced", "fast")
-TUNING_PER_VIDEO, REPORT_PER_VIDEO = 2, 3
+# Clips per video: 1 per tuning video (2 clips), 3 per report video (6 clips). Fixed for the CPU time before any
+# result on the trained model: tuning every baseline and ALP on 4 clips costs ~45 CPU-min at 0.12 s a
+# guided pass, which a shared 2-core machine could not give in the session; the report keeps its 6.
+TUNING_PER_VIDEO, REPORT_PER_VIDEO = 1, 3
 COMFY_SAMPLERS: dict[str, Callable] = {
     "ipndm": kds.sample_ipndm,
     "deis": kds.sample_deis,
@@ -298,8 +301,10 @@ class References:
         converged = loop_runner(model, schedules.simple_sigmas(CONVERGED_STEPS, SHIFT), solver="adams3")
         self.full = [full(c)[0] for c in clips]
         self.converged = [converged(c)[0] for c in clips]
-        if path is not None:
-            torch.save({"key": key, "full": self.full, "converged": self.converged}, path)
+        if path is not None:  # written whole, then renamed: another process may be waiting to read it
+            partial = path.with_suffix(".partial")
+            torch.save({"key": key, "full": self.full, "converged": self.converged}, partial)
+            partial.replace(path)
 
 
 def score(runner: Runner, clips: list[Clip], refs: References, keep_samples: bool = False
@@ -528,14 +533,19 @@ def describe(config) -> str:
 
 class ResultCache:
     """Scores of earlier report runs, keyed by method, settings and clips: a rerun after a preset change only
-    runs what changed. ``--fresh`` ignores it."""
+    runs what changed. ``--fresh`` ignores it. Scores of report parts (``also``: other processes' caches, for
+    other budgets) are read too; new scores are written to ``path`` only."""
 
-    def __init__(self, path: Path, clips: list[Clip], enabled: bool):
+    def __init__(self, path: Path, clips: list[Clip], enabled: bool, also: tuple[Path, ...] = ()):
         self.path, self.enabled = path, enabled
         self.clips = ";".join(f"{c.video}@{c.start}" for c in clips)
-        self.entries = json.loads(path.read_text()) if enabled and path.is_file() else {}
         self.samples_path = path.with_suffix(".samples.pt")
-        self.samples = torch.load(self.samples_path) if enabled and self.samples_path.is_file() else {}
+        self.entries, self.samples = {}, {}
+        for source in (*also, path) if enabled else ():
+            if source.is_file():
+                self.entries.update(json.loads(source.read_text()))
+            if source.with_suffix(".samples.pt").is_file():
+                self.samples.update(torch.load(source.with_suffix(".samples.pt")))
 
     def key(self, name: str, budget, settings: str) -> str:
         return f"{name}|{budget}|{settings}|{self.clips}"
@@ -745,66 +755,12 @@ def plot_quality(rows: list[Row], full_vs_conv: float, path: Path) -> None:
 # Main
 # --------------------------------------------------------------------------------------------------
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--retune", action="store_true", help="redo the tuning on the tuning clips")
-    parser.add_argument("--tune-only", action="store_true", help="stop after the tuning")
-    parser.add_argument("--tune-budgets", default=None,
-                        help="tune only these budgets (e.g. 5,10) into a part file and stop; the report merges "
-                             "the parts once they cover every budget (two processes on two cores)")
-    parser.add_argument("--write-docs", action="store_true", help="copy the PNGs to docs/")
-    parser.add_argument("--fresh", action="store_true", help="score every report row again (no cached scores)")
-    parser.add_argument("--report-per-video", type=int, default=REPORT_PER_VIDEO)
-    parser.add_argument("--tuning-per-video", type=int, default=TUNING_PER_VIDEO)
-    args = parser.parse_args(argv)
-    started = time.time()
-
-    def log(message: str) -> None:
-        print(message, flush=True)
-
-    model, frames, folder = td.trained_model(log=log)
-    out = folder
-    tuning_clips = make_clips(frames, "tuning", args.tuning_per_video, 2000)
-    tuning_path = folder / "tuning.json"
-    part_budgets = BUDGETS if args.tune_budgets is None else parse_budgets(args.tune_budgets, BUDGETS)
-    merged = (None if args.retune or args.tune_budgets is not None or tuning_path.is_file()
-              else merge_part_files(folder, BUDGETS))
-    if merged is not None:
-        log("tuning merged from the part files")
-        tuning_path.write_text(json.dumps(merged, indent=1))
-    elif args.retune or not tuning_path.is_file() or args.tune_budgets is not None:
-        log(f"tuning budgets {part_budgets} on {len(tuning_clips)} clips of {td.SPLIT['tuning']}")
-        tuning_refs = References(model, tuning_clips, folder / "references_tuning.pt")
-        tuned = {}
-        if BUDGETS[0] in part_budgets:  # one part checks the converged reference
-            check = loop_runner(model, schedules.simple_sigmas(2 * CONVERGED_STEPS, SHIFT), solver="adams3")
-            tuned["converged_check_db"] = [psnr(check(c)[0], conv)
-                                           for c, conv in zip(tuning_clips[:2], tuning_refs.converged[:2])]
-            log(f"converged ({CONVERGED_STEPS} Adams-3 steps) vs {2 * CONVERGED_STEPS}: "
-                f"{' '.join(f'{v:.1f}' for v in tuned['converged_check_db'])} dB")
-        tuned.update(tune(model, tuning_clips, tuning_refs, log, part_budgets))
-        if args.tune_budgets is not None:
-            (folder / part_name(part_budgets)).write_text(json.dumps(tuned, indent=1))
-            log(f"tuning part written: {folder / part_name(part_budgets)}")
-            return 0
-        tuning_path.write_text(json.dumps(tuned, indent=1))
-    tuned = json.loads(tuning_path.read_text())
-    log("anchors found on the tuning clips (speed-up, max_order, first_trust, error_tolerance, pace):")
-    for line in suggested_anchors(tuned):
-        log(line)
-    if args.tune_only:
-        return 0
-
-    clips = make_clips(frames, "report", args.report_per_video, 1000)
-    log(f"report: {len(clips)} clips of {td.SPLIT['report']} ({EVAL_FRAMES} frames, windows {PLAN.windows})")
-    refs = References(model, clips, folder / "references_report.pt")
-    cache = ResultCache(folder / "report_cache.json", clips, enabled=not args.fresh)
-    full_vs_conv = sum(psnr(f, c) for f, c in zip(refs.full, refs.converged)) / len(clips)
-    log(f"full vs converged: {full_vs_conv:.2f} dB")
+def budget_rows(model, budgets, tuned: dict, clips: list[Clip], refs: References, cache: ResultCache, log
+                ) -> tuple[list[Row], dict[str, list[torch.Tensor]]]:
+    """Every method's row at each of ``budgets``, and the 5-evaluation samples shown in the picture."""
     rows: list[Row] = []
     samples: dict[str, list[torch.Tensor]] = {}
-    log(HEADER)
-    for budget in BUDGETS:
+    for budget in budgets:
         for name, family, settings, runner in report_methods(model, budget, tuned):
             keep = budget == 5 and name in ("ALP", "Euler, published grid")
             key_name, key_budget = ("ALP", None) if family == "alp" else (name, budget)  # a config scores once
@@ -817,6 +773,84 @@ def main(argv=None) -> int:
             rows.append(row)
             log(format_row(row))
         log("")
+    return rows, samples
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--retune", action="store_true", help="redo the tuning on the tuning clips")
+    parser.add_argument("--tune-only", action="store_true", help="stop after the tuning")
+    parser.add_argument("--tune-budgets", default=None,
+                        help="tune only these budgets (e.g. 5,10) into a part file and stop; the report merges "
+                             "the parts once they cover every budget (two processes on two cores)")
+    parser.add_argument("--report-part", action="store_true",
+                        help="with --tune-budgets: then score the report rows of those budgets into a part cache "
+                             "(the full run reads it) and stop")
+    parser.add_argument("--write-docs", action="store_true", help="copy the PNGs to docs/")
+    parser.add_argument("--fresh", action="store_true", help="score every report row again (no cached scores)")
+    parser.add_argument("--report-per-video", type=int, default=REPORT_PER_VIDEO)
+    parser.add_argument("--tuning-per-video", type=int, default=TUNING_PER_VIDEO)
+    args = parser.parse_args(argv)
+    if args.report_part and args.tune_budgets is None:
+        parser.error("--report-part needs --tune-budgets")
+    started = time.time()
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+
+    model, frames, folder = td.trained_model(log=log)
+    out = folder
+    tuning_clips = make_clips(frames, "tuning", args.tuning_per_video, 2000)
+    tuning_path = folder / "tuning.json"
+    part_budgets = BUDGETS if args.tune_budgets is None else parse_budgets(args.tune_budgets, BUDGETS)
+    merged = (None if args.retune or args.tune_budgets is not None or tuning_path.is_file()
+              else merge_part_files(folder, BUDGETS))
+    part_path = folder / part_name(part_budgets)
+    wanted = tuning_path if args.tune_budgets is None else part_path
+    if merged is not None:
+        log("tuning merged from the part files")
+        tuning_path.write_text(json.dumps(merged, indent=1))
+    elif args.retune or not wanted.is_file():
+        log(f"tuning budgets {part_budgets} on {len(tuning_clips)} clips of {td.SPLIT['tuning']}")
+        tuning_refs = References(model, tuning_clips, folder / "references_tuning.pt")
+        tuned = {}
+        if BUDGETS[0] in part_budgets:  # one part checks the converged reference
+            check = loop_runner(model, schedules.simple_sigmas(2 * CONVERGED_STEPS, SHIFT), solver="adams3")
+            tuned["converged_check_db"] = [psnr(check(c)[0], conv)
+                                           for c, conv in zip(tuning_clips[:2], tuning_refs.converged[:2])]
+            log(f"converged ({CONVERGED_STEPS} Adams-3 steps) vs {2 * CONVERGED_STEPS}: "
+                f"{' '.join(f'{v:.1f}' for v in tuned['converged_check_db'])} dB")
+        tuned.update(tune(model, tuning_clips, tuning_refs, log, part_budgets))
+        wanted.write_text(json.dumps(tuned, indent=1))
+        log(f"tuning written: {wanted}")
+    if args.tune_budgets is not None:
+        if not args.report_part:
+            return 0
+        tuned = json.loads(part_path.read_text())
+        clips = make_clips(frames, "report", args.report_per_video, 1000)
+        refs = References(model, clips, folder / "references_report.pt")
+        cache = ResultCache(folder / ("report_cache_" + part_name(part_budgets).removeprefix("tuning_")), clips,
+                            enabled=not args.fresh)
+        log(f"report part: budgets {part_budgets} on {len(clips)} clips (the shipped ALP settings)")
+        log(HEADER)
+        budget_rows(model, part_budgets, tuned, clips, refs, cache, log)
+        return 0
+    tuned = json.loads(tuning_path.read_text())
+    log("anchors found on the tuning clips (speed-up, max_order, first_trust, error_tolerance, pace):")
+    for line in suggested_anchors(tuned):
+        log(line)
+    if args.tune_only:
+        return 0
+
+    clips = make_clips(frames, "report", args.report_per_video, 1000)
+    log(f"report: {len(clips)} clips of {td.SPLIT['report']} ({EVAL_FRAMES} frames, windows {PLAN.windows})")
+    refs = References(model, clips, folder / "references_report.pt")
+    cache = ResultCache(folder / "report_cache.json", clips, enabled=not args.fresh,
+                        also=tuple(sorted(folder.glob("report_cache_part_*.json"))))
+    full_vs_conv = sum(psnr(f, c) for f, c in zip(refs.full, refs.converged)) / len(clips)
+    log(f"full vs converged: {full_vs_conv:.2f} dB")
+    log(HEADER)
+    rows, samples = budget_rows(model, BUDGETS, tuned, clips, refs, cache, log)
     log("ALP presets and target speed-ups (shipped settings, layer dial as shipped):")
     preset_of = {alp.PRESETS[name].speedup: name for name in PRESET_NAMES}
     for speedup in SPEEDUPS:

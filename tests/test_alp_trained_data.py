@@ -125,7 +125,7 @@ def test_training_batches_repeat_with_the_seed(frame_counts):
 
 
 def test_learning_rate_warms_up_then_decays_to_its_floor():
-    config = td.TrainConfig(steps=200, warmup=20, lr=1e-3, final_lr_fraction=0.1)
+    config = td.TrainConfig(steps=200, schedule_steps=200, anneal_steps=0, warmup=20, lr=1e-3, final_lr_fraction=0.1)
     assert td.learning_rate(config, 0) == pytest.approx(5e-5)
     assert td.learning_rate(config, 19) == pytest.approx(1e-3)
     assert td.learning_rate(config, 20) == pytest.approx(1e-3)
@@ -137,3 +137,17 @@ def test_learning_rate_warms_up_then_decays_to_its_floor():
 def test_the_training_tag_changes_with_the_budget():
     assert td.TrainConfig().tag() == td.TrainConfig().tag()
     assert td.TrainConfig(steps=10).tag() != td.TrainConfig().tag()
+
+
+def test_a_cut_schedule_follows_the_long_cosine_then_anneals_to_its_floor():
+    long = td.TrainConfig(steps=900, schedule_steps=900, anneal_steps=0, warmup=50, lr=1e-3, final_lr_fraction=0.1)
+    cut = td.TrainConfig(steps=700, schedule_steps=900, anneal_steps=100, warmup=50, lr=1e-3, final_lr_fraction=0.1)
+    # The first 600 steps are the 900-step run's (a checkpoint of it resumes into the cut run).
+    assert all(td.learning_rate(cut, s) == td.learning_rate(long, s) for s in range(600))
+    # Cosine at step 600 of 900 (progress 550/850): 0.1 + 0.9 * (1 + cos(0.647 pi)) / 2 = 0.351 of the peak.
+    assert td.learning_rate(cut, 599) == pytest.approx(3.51e-4, rel=1e-3)
+    # Halfway down the linear fall from the cosine at step 600 (0.3494) to 0.1: 0.2247.
+    assert td.learning_rate(cut, 649) == pytest.approx(2.247e-4, rel=1e-3)
+    assert td.learning_rate(cut, 699) == pytest.approx(1e-4)
+    rates = [td.learning_rate(cut, s) for s in range(50, 700)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
