@@ -895,7 +895,8 @@ def main(argv=None) -> int:
     picture = []
     for k in (0, len(clips) - 1):
         picture += [(f"{clips[k].video} real", clips[k].real), ("full, 30 steps", refs.full[k]),
-                    ("ALP fast, 5 evals", samples["ALP, 5"][k]), ("Euler, 5 steps", samples["Euler, published grid, 5"][k]),
+                    ("ALP fast, 5 evals", samples["ALP, 5"][k]),
+                    ("Euler, 5 steps", samples["Euler, published grid, 5"][k]),
                     ("ALP balanced, 8", samples["ALP, 8"][k]), ("ALP quality, 10", samples["ALP, 10"][k])]
     plot_samples(picture, samples_png)
     plot_quality(rows, full_vs_conv, quality_png)
