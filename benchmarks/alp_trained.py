@@ -25,8 +25,9 @@ reuses or forecasts it, so one evaluation = both passes of one window at one ste
 
 Tuning (tuning clips only: one clip of each tuning video, so 2; cached as ``tuning.json`` next to the model;
 ``--retune`` redoes it): the baselines' thresholds and step placements, MagCache's magnitude ratios (from the
-full runs), the ALP grid per budget and the layer dial's limit. The ALP rows of the report use the settings shipped in ``flashportrait_core/sampling/
-alp.py``; the tuning run prints the anchors it found so they can be shipped.
+full runs), the ALP grid per budget and the layer dial's limit. The ALP rows of the report use the settings
+shipped in ``flashportrait_core/sampling/alp.py``; the tuning run prints the anchors it found so they can be
+shipped.
 
     python benchmarks/alp_trained.py                 # the table, the plot, memory; trains/tunes when not cached
     python benchmarks/alp_trained.py --retune        # redo the tuning
