@@ -33,7 +33,7 @@ shipped.
     python benchmarks/alp_trained.py --retune        # redo the tuning
     python benchmarks/alp_trained.py --tune-budgets 5,10 [--report-part] &   # in two processes (two cores);
     python benchmarks/alp_trained.py --tune-budgets 6,8 [--report-part]      # once the first has references
-    python benchmarks/alp_trained.py --write-docs    # also copy the PNGs to docs/
+    python benchmarks/alp_trained.py --write-docs    # also copy the loss and quality plots to docs/
 """
 from __future__ import annotations
 
@@ -793,7 +793,7 @@ def main(argv=None) -> int:
     parser.add_argument("--report-part", action="store_true",
                         help="with --tune-budgets: then score the report rows of those budgets into a part cache "
                              "(the full run reads it) and stop")
-    parser.add_argument("--write-docs", action="store_true", help="copy the PNGs to docs/")
+    parser.add_argument("--write-docs", action="store_true", help="copy the loss and quality plots to docs/")
     parser.add_argument("--fresh", action="store_true", help="score every report row again (no cached scores)")
     parser.add_argument("--report-per-video", type=int, default=REPORT_PER_VIDEO)
     parser.add_argument("--tuning-per-video", type=int, default=TUNING_PER_VIDEO)
@@ -906,7 +906,8 @@ def main(argv=None) -> int:
         "full_vs_converged": full_vs_conv, "bar_margins": verdict, "memory": memory}, indent=1))
     for path in (loss_png, samples_png, quality_png):
         log(f"plot: {path}")
-        if args.write_docs:
+        # The sample picture shows frames of the driving videos, which stay in ../shared/data: not copied to docs/.
+        if args.write_docs and path != samples_png:
             shutil.copy(path, REPO / "docs" / path.name)
     log(f"command: python benchmarks/alp_trained.py   ({(time.time() - started) / 60:.0f} min)")
     return 0
