@@ -76,4 +76,4 @@ def test_file_node_runs_and_is_cached_until_the_file_changes(comfy_server) -> No
 def test_missing_file_is_refused_before_running(comfy_server) -> None:
     with pytest.raises(comfy_client.PromptRejected) as raised:
         comfy_client.queue_prompt(comfy_server.url, _prompt("no_such_video.mp4"))
-    assert "'no_such_video.mp4' is not in ComfyUI's input folder" in str(raised.value)
+    assert "'no_such_video.mp4' was not found in ComfyUI's input folder" in str(raised.value)
