@@ -30,10 +30,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from flashportrait_core.sampling.alp import ALPConfig, config_for_speedup, preset, sample_alp  # noqa: E402
 from flashportrait_core.sampling.schedules import published_sigmas  # noqa: E402
 from flashportrait_core.sampling.solvers import sample_adams, sample_euler, sample_unipc  # noqa: E402
+from window_caches import spread_plan  # noqa: E402
 
 DRIVING_DIR = REPO / ".." / "shared" / "data" / "driving"
 OUT_DIR = REPO / "benchmarks" / "out"
@@ -110,19 +112,6 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 # --------------------------------------------------------------------------------------------------
 # Baselines that skip steps of the 30-step grid
 # --------------------------------------------------------------------------------------------------
-
-def spread_plan(steps: int, budget: int, warmup: int, final: bool) -> frozenset[int]:
-    """Compute steps 0..warmup-1, the last step if ``final``, the rest evenly spread in step index
-    strictly between the warm-up and the end."""
-    plan = set(range(min(warmup, budget)))
-    if final and len(plan) < budget:
-        plan.add(steps - 1)
-    free = budget - len(plan)
-    end = steps - 1 if final else steps
-    for p in np.linspace(warmup - 1, end, free + 2)[1:-1]:
-        plan.add(int(round(p)))
-    return frozenset(plan)
-
 
 def run_fixed_plan(velocity, x, sigmas, plan, forecast: str):
     """Compute at ``plan``; elsewhere reuse the last v ("reuse") or a Taylor forecast in step index
