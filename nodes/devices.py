@@ -59,7 +59,7 @@ class FlashPortraitDevices(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, devices: str, **_) -> bool | str:
+    def validate_inputs(cls, devices: str) -> bool | str:
         try:
             parse_devices(devices)
         except ValueError as error:

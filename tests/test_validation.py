@@ -216,3 +216,20 @@ def test_sampler_node_offers_euler_then_comfyuis_samplers_and_refuses_what_needs
     reference = comfy.samplers.sampler_object("ddim")
     assert built.sampler_function is reference.sampler_function and built.inpaint_options == reference.inpaint_options
     assert built.label == "ddim"
+
+
+def test_no_node_validation_hides_comfyuis_own_range_checks():
+    # ComfyUI skips its min/max and list checks for every input when validate_inputs takes **kwargs, and for the
+    # inputs it names: a node's validation names only the widgets it checks itself.
+    import inspect
+
+    from comfy_api.latest import io
+
+    nodes = [value for value in vars(pack.nodes).values()
+             if isinstance(value, type) and issubclass(value, io.ComfyNode) and value is not io.ComfyNode]
+    assert len(nodes) >= 20
+    checked = {node.__name__: inspect.getfullargspec(node.validate_inputs) for node in nodes
+               if "validate_inputs" in vars(node)}
+    assert {"FlashPortraitSampler", "FlashPortraitGuiderNode", "FlashPortraitDevices"} <= set(checked)
+    assert {name: spec.varkw for name, spec in checked.items() if spec.varkw} == {}
+    assert "seed" not in checked["FlashPortraitSampler"].args and "threads" not in checked["FlashPortraitDevices"].args
