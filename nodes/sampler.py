@@ -164,6 +164,11 @@ class FlashPortraitSampler(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, acceleration: str = "off", sampler: str = "euler", target_speedup: float = 0.0,
                         schedule: str = PUBLISHED, resume: str = resume_store.OFF) -> bool | str:
+        # Naming `sampler` here turns off ComfyUI's own list check for it, so the list is checked here.
+        if sampler not in sampler_choices():
+            return (f"sampler '{sampler}' is not available: choose euler (the published update) or one of "
+                    f"ComfyUI's samplers such as ipndm or deis (the pack's own adams2 / adams3 were replaced by "
+                    f"them)")
         try:
             check_sampling_widgets(acceleration, sampler, target_speedup, schedule)
             resume_store.ResumePolicy.from_choice(resume)

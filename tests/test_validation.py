@@ -206,6 +206,9 @@ def test_sampler_node_offers_euler_then_comfyuis_samplers_and_refuses_what_needs
     assert "adams2" not in options and "adams3" not in options
     validate = sampler_node.FlashPortraitSampler.validate_inputs
     assert validate(acceleration="off", sampler="ipndm") is True
+    # A workflow saved with a sampler the node no longer offers is refused when queued, naming what to choose.
+    assert "sampler 'adams2' is not available" in validate(acceleration="off", sampler="adams2")
+    assert "not available" in validate(acceleration="off", sampler="euler_cfg_pp")
     assert validate(acceleration="quality", sampler="euler") is True
     message = validate(acceleration="fast", sampler="dpmpp_2m")
     assert "'dpmpp_2m' and acceleration 'fast' do not combine" in message and "set sampler to euler" in message
