@@ -17,6 +17,7 @@ from ..flashportrait_core.expression.performance_file import describe
 from ..flashportrait_core.validation import InputError, require_image_batch
 from . import types
 from .expressions import _Extraction
+from .widget_checks import widget_problem
 
 MAX_STRENGTH_WIDGET = 4.0
 STRENGTH_TOOLTIP = ("Strength of the {what}: 0 holds it still at the neutral value, 1 keeps it as driven, above 1 "
@@ -196,6 +197,9 @@ class FlashPortraitRetimeExpressions(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, loop: str = "off", loop_frames: int = 0) -> bool | str:
+        problem = widget_problem(cls, loop=loop, loop_frames=loop_frames)
+        if problem:
+            return problem
         if loop != "off" and loop_frames < 1:
             return f"loop '{loop}' needs loop_frames: set the length of the looped performance in frames"
         return True

@@ -11,6 +11,7 @@ from . import resume_store
 from .devices import devices_input
 from .guider import build_guider, empty_video_latent, progress_reporter
 from .sampler import SCHEDULE_TOOLTIP, guider_inputs, max_side_input, resume_input
+from .widget_checks import widget_problem
 
 
 class FlashPortraitGuiderNode(io.ComfyNode):
@@ -48,6 +49,9 @@ class FlashPortraitGuiderNode(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, acceleration: str = "off", target_speedup: float = 0.0,
                         resume: str = resume_store.OFF) -> bool | str:
+        problem = widget_problem(cls, acceleration=acceleration, target_speedup=target_speedup, resume=resume)
+        if problem:
+            return problem
         try:
             check_sampling_widgets(acceleration, "euler", target_speedup, PUBLISHED)
             resume_store.ResumePolicy.from_choice(resume)

@@ -21,6 +21,7 @@ from .devices import devices_input
 from .guider import build_guider, empty_video_latent, needs_comfy_cfg, progress_reporter
 from .loaders import resolve_backend
 from .report_ui import sampler_ui
+from .widget_checks import widget_problem
 
 SCHEDULE_TOOLTIP = ("Noise levels of the steps. published: the published inference's grid (diffusers' flow-matching "
                     "Euler scheduler; last model calls at 0.17 and 0.024 for 30 steps). simple: ComfyUI's simple "
@@ -169,6 +170,10 @@ class FlashPortraitSampler(io.ComfyNode):
             return (f"sampler '{sampler}' is not available: choose euler (the published update) or one of "
                     f"ComfyUI's samplers such as ipndm or deis (the pack's own adams2 / adams3 were replaced by "
                     f"them)")
+        problem = widget_problem(cls, acceleration=acceleration, target_speedup=target_speedup,
+                                 schedule=schedule, resume=resume)
+        if problem:
+            return problem
         try:
             check_sampling_widgets(acceleration, sampler, target_speedup, schedule)
             resume_store.ResumePolicy.from_choice(resume)

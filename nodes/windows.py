@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from comfy_api.latest import io
 
 from . import types
+from .widget_checks import widget_problem
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class FlashPortraitWindows(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, window_length: int, overlap: int) -> bool | str:
+        problem = widget_problem(cls, window_length=window_length, overlap=overlap)
+        if problem:
+            return problem
         if overlap >= window_length:
             return (f"overlap ({overlap}) must be smaller than window_length ({window_length}): lower overlap to "
                     f"at most {window_length - 1} or raise window_length")

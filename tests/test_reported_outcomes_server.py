@@ -161,6 +161,10 @@ REJECTED = [
     ("7", "emo_cfg", 0.0, "Value 0.0 smaller than min of 1.0"),
     ("7", "ip_scale", 5.0, "Value 5.0 bigger than max of 4.0"),
     ("11", "crf", 52, "Value 52 bigger than max of 51"),
+    # Inputs that a node's own validation names: the node checks their range and options itself, in ComfyUI's words.
+    ("10", "target_speedup", 50.0,
+     "Custom validation failed for node: target_speedup: value 50.0 bigger than max of 10.0"),
+    ("10", "schedule", "karras", "Custom validation failed for node: schedule: 'karras' not in ['published', 'simple']"),
 ]
 
 

@@ -236,3 +236,19 @@ def test_no_node_validation_hides_comfyuis_own_range_checks():
     assert {"FlashPortraitSampler", "FlashPortraitGuiderNode", "FlashPortraitDevices"} <= set(checked)
     assert {name: spec.varkw for name, spec in checked.items() if spec.varkw} == {}
     assert "seed" not in checked["FlashPortraitSampler"].args and "threads" not in checked["FlashPortraitDevices"].args
+
+
+def test_widgets_a_node_validates_itself_keep_comfyuis_range_and_list_checks():
+    windows = windows_node.FlashPortraitWindows.validate_inputs
+    assert windows(window_length=300, overlap=4) == "window_length: value 300 bigger than max of 201"
+    assert windows(window_length=8, overlap=-1) == "overlap: value -1 smaller than min of 0"
+    assert windows(window_length=8, overlap=4) is True
+    retime = pack.nodes.expression_edit.FlashPortraitRetimeExpressions.validate_inputs
+    assert retime(loop="bounce", loop_frames=10) == "loop: 'bounce' not in ['off', 'ping-pong', 'repeat']"
+    guider = pack.nodes.guider_nodes.FlashPortraitGuiderNode.validate_inputs
+    assert guider(acceleration="off", target_speedup=-1.0, resume="off") == \
+        "target_speedup: value -1.0 smaller than min of 0.0"
+    assert "resume: 'sometimes' not in" in guider(acceleration="off", target_speedup=0.0, resume="sometimes")
+    sampler = sampler_node.FlashPortraitSampler.validate_inputs
+    assert sampler(acceleration="turbo") == "acceleration: 'turbo' not in " + str(
+        [i for i in sampler_node.FlashPortraitSampler.define_schema().inputs if i.id == "acceleration"][0].options)
