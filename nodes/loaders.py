@@ -33,11 +33,6 @@ _WEIGHT_DTYPES = {
 NO_WAN_BASE = "none"  # the wan_model choice for a FlashPortrait file that holds the whole DiT
 
 
-def checkpoint_file(folder: str, name: str) -> str:
-    """Path of the file selected in a loader: exactly that file (a same-stem twin in another format is not used)."""
-    return model_file(folder, name)
-
-
 def _ignored_keys_note(keys: list[str]) -> str:
     return f"{len(keys)} ignored (not part of the model): {keys[:5]}{' ...' if len(keys) > 5 else ''}"
 
@@ -72,9 +67,8 @@ class FlashPortraitModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, wan_model: str, flashportrait_weights: str, weight_dtype: str) -> io.NodeOutput:
-        source = ModelSource(wan_path=None if wan_model == NO_WAN_BASE else checkpoint_file("diffusion_models",
-                                                                                             wan_model),
-                             flashportrait_path=checkpoint_file(WEIGHTS_FOLDER, flashportrait_weights),
+        source = ModelSource(wan_path=None if wan_model == NO_WAN_BASE else model_file("diffusion_models", wan_model),
+                             flashportrait_path=model_file(WEIGHTS_FOLDER, flashportrait_weights),
                              weight_dtype=weight_dtype, wan_name=wan_model, flashportrait_name=flashportrait_weights)
         model, report = load_flashportrait_model(source)
         logging.info("FlashPortrait Model Loader: %s", report.replace("\n", "; "))
@@ -147,7 +141,7 @@ class FlashPortraitPortraitEncoderLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, portrait_encoder: str) -> io.NodeOutput:
-        path = checkpoint_file(WEIGHTS_FOLDER, portrait_encoder)
+        path = model_file(WEIGHTS_FOLDER, portrait_encoder)
         state_dict, ignored = split_portrait_encoder_keys(load_state_dict(path))
         try:
             encoder = load_portrait_encoder(state_dict)
@@ -216,7 +210,7 @@ class FlashPortraitExpressionModelLoader(io.ComfyNode):
     @classmethod
     def execute(cls, expression_encoder: str, face_backend: str) -> io.NodeOutput:
         backend = resolve_backend(face_backend)  # fails early, saying what is missing
-        state_dict = load_state_dict(checkpoint_file(WEIGHTS_FOLDER, expression_encoder))
+        state_dict = load_state_dict(model_file(WEIGHTS_FOLDER, expression_encoder))
         try:
             encoder = load_fan_encoder(state_dict)
         except ValueError as error:

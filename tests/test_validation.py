@@ -104,9 +104,9 @@ def test_adjusted_inputs_are_reported():
 
 
 def test_loader_reads_the_file_chosen_not_its_safetensors_twin(tiny_folders):
-    chosen = loaders.checkpoint_file("flashportrait", "transformer_tiny.pt")
+    chosen = loaders.model_file("flashportrait", "transformer_tiny.pt")
     assert chosen == str(tiny_folders / "flashportrait" / "transformer_tiny.pt")  # transformer_tiny.safetensors too
-    assert loaders.checkpoint_file("flashportrait", "pd_fpg_tiny.pth").endswith("pd_fpg_tiny.pth")
+    assert loaders.model_file("flashportrait", "pd_fpg_tiny.pth").endswith("pd_fpg_tiny.pth")
 
 
 def _emotion(num_latent: int) -> EmotionConditioning:
